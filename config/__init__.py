@@ -1,0 +1,115 @@
+"""The one typed configuration shared by `ml/`, `registry/`, `dags/` and `bentos/`.
+
+Defaults are embedded (SQLite and local files under one data directory), every field can be
+overridden by an environment variable (`INSECT_<FIELD>`, nested with `__`, e.g.
+`INSECT_TRAIN__EPOCHS=3`), and the standard variables a user already sets are honoured:
+`MLFLOW_TRACKING_URI`, `MLFLOW_REGISTRY_URI`, `AIRFLOW_HOME`.
+
+Importing this module does no I/O; `get_settings()` reads the environment once.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SyntheticDataConfig(BaseModel):
+    """The generated demo dataset (IP102 layout, the first `num_classes` IP102 species)."""
+
+    num_classes: int = 10  # IP102 has 102; a subset keeps the CPU demo short
+    images_per_class: int = 60  # split 60/20/20 into train/val/test
+    image_size: int = 64  # pixels, square
+    seed: int = 0
+
+
+class ModelConfig(BaseModel):
+    """Which CoCa variant to build (a JSON file in ml/model_configs/) and its input size."""
+
+    name: str = "coca_tiny"
+    image_size: int = 64
+    context_length: int = 24  # caption tokens; species captions are short
+
+
+class TrainConfig(BaseModel):
+    """Both training stages: CoCa pretraining on captions, then the species classifier."""
+
+    deepspeed_config: Path = REPO_ROOT / "ml" / "train" / "ds_config.json"
+    pretrain_epochs: int = 4
+    finetune_epochs: int = 12
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    patience: int = 3  # epochs without val improvement before early stopping
+    seed: int = 0
+    max_steps_per_epoch: int | None = None  # cap for smoke tests
+
+
+class PruneConfig(BaseModel):
+    ratio: float = 0.3  # fraction of MLP channels removed per block
+    finetune_epochs: int = 3
+    max_top1_drop: float = 0.05  # the step fails when pruning costs more val top-1 than this
+
+
+class CompileConfig(BaseModel):
+    cuda_archs: list[str] = ["sm_80", "sm_90"]  # cross-compiled whenever nvcc is on PATH
+    max_abs_diff: float = 1e-3  # parity bound between TVM and eager logits
+    min_top1_agreement: float = 0.999
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="INSECT_", env_nested_delimiter="__", extra="ignore", protected_namespaces=()
+    )
+
+    data_dir: Path = REPO_ROOT / "data"
+    # A real IP102 checkout goes here; unset means the generated synthetic dataset.
+    dataset_dir: Path | None = None
+    mlflow_tracking_uri: str | None = Field(
+        None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "INSECT_MLFLOW_TRACKING_URI")
+    )
+    airflow_home: Path | None = Field(
+        None, validation_alias=AliasChoices("AIRFLOW_HOME", "INSECT_AIRFLOW_HOME")
+    )
+    experiment_name: str = "insect-classifier"
+    registered_model_name: str = "insect-classifier"
+    # Retrain when this many new feedback rows have arrived (issue 4 wires the trigger).
+    min_new_feedback: int = 50
+
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    prune: PruneConfig = PruneConfig()
+    compile: CompileConfig = CompileConfig()
+
+    @property
+    def resolved_dataset_dir(self) -> Path:
+        return self.dataset_dir or self.data_dir / "datasets" / "synthetic"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.data_dir / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        """Where a local MLflow store keeps artifacts (only used with the embedded default)."""
+        return self.data_dir / "mlartifacts"
+
+    @property
+    def resolved_airflow_home(self) -> Path:
+        return self.airflow_home or self.data_dir / "airflow"
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space for checkpoints and build outputs between DAG tasks."""
+        return self.data_dir / "work"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

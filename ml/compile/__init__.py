@@ -1,0 +1,132 @@
+"""Compile the classifier with TVM Relax: torch.export -> Relax -> a shared library per target.
+
+The llvm build targets the host CPU (detected, never named by hand: a wrong `mcpu` crashes at run
+time) and is checked against eager PyTorch on validation images. CUDA builds are cross-compiled
+whenever nvcc is on PATH; without a GPU they are checked by the kernels they carry.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from config import CompileConfig
+from ml.evaluate import collect_logits, torch_predict_fn
+
+
+class ParityError(RuntimeError):
+    """The compiled model does not give the eager model's answers."""
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    exported_path: Path  # torch.export program: the eager model, loadable without our classes
+    llvm_path: Path
+    llvm_target: dict
+    cuda_paths: dict[str, Path] = field(default_factory=dict)  # arch -> library
+    max_abs_diff: float = 0.0
+    top1_agreement: float = 1.0
+
+
+def host_target() -> dict:
+    """LLVM target for this machine's CPU, as TVM's own LLVM detects it."""
+    from tvm.target import codegen
+
+    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
+
+
+def export(model: torch.nn.Module) -> torch.export.ExportedProgram:
+    """Trace with a symbolic batch dimension, so one artifact serves any batch size."""
+    size = model.image_size
+    example = torch.rand(2, 3, size, size)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    return torch.export.export(model.eval(), (example,), dynamic_shapes={"images": {0: batch}})
+
+
+def to_relax(program: torch.export.ExportedProgram):
+    from tvm.relax.frontend.torch import from_exported_program
+
+    return from_exported_program(program, keep_params_as_input=False)
+
+
+def build(mod, target: dict):
+    """Build a Relax module; GPU targets get dlight's default thread schedules first."""
+    import tvm
+    from tvm import relax
+
+    tvm_target = tvm.target.Target(target)
+    if target["kind"] == "cuda":
+        from tvm.s_tir import dlight as dl
+
+        with tvm_target:
+            mod = relax.get_pipeline("zero")(mod)
+            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+    return tvm.relax.build(mod, target=tvm_target)
+
+
+class CompiledClassifier:
+    """A TVM-built library on the CPU, callable like `ml.evaluate.PredictFn`."""
+
+    def __init__(self, library: Path):
+        import tvm
+        from tvm import relax
+
+        self._tvm = tvm
+        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        out = self._vm["main"](self._tvm.runtime.tensor(np.ascontiguousarray(batch, dtype=np.float32)))
+        return (out[0] if isinstance(out, (list, tuple)) or hasattr(out, "__getitem__") and not hasattr(out, "numpy") else out).numpy()
+
+
+def cuda_kernel_source(library_module) -> str:
+    """The CUDA source carried by a built CUDA library (checkable without a GPU)."""
+    for imported in library_module.imports:
+        for inner in [imported, *imported.imports]:
+            if inner.kind == "cuda":
+                return inner.inspect_source()
+    raise ParityError("the CUDA build carries no cuda module")
+
+
+def check_parity(model: torch.nn.Module, compiled, dataset_dir: Path, cfg: CompileConfig) -> tuple[float, float]:
+    """Max abs logit difference and top-1 agreement of `compiled` vs eager on the val split."""
+    eager, _ = collect_logits(torch_predict_fn(model), dataset_dir, "val", model.image_size)
+    tvm_logits, _ = collect_logits(compiled, dataset_dir, "val", model.image_size)
+    max_diff = float(np.abs(eager - tvm_logits).max())
+    agreement = float(np.mean(eager.argmax(1) == tvm_logits.argmax(1)))
+    if max_diff > cfg.max_abs_diff or agreement < cfg.min_top1_agreement:
+        raise ParityError(f"TVM disagrees with eager: max |logit diff| {max_diff:.2e} (bound {cfg.max_abs_diff:.0e}), "
+                          f"top-1 agreement {agreement:.4f} (bound {cfg.min_top1_agreement})")
+    return max_diff, agreement
+
+
+def compile_model(model_path: Path, dataset_dir: Path, cfg: CompileConfig, out_dir: Path) -> CompileResult:
+    """Export, build for the host CPU (and CUDA archs when nvcc exists), check parity, log metrics."""
+    from ml.prune import load_model
+
+    model = load_model(model_path).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    program = export(model)
+    exported_path = out_dir / "model.pt2"
+    torch.export.save(program, exported_path)
+    mod = to_relax(program)
+    target = host_target()
+    llvm_path = out_dir / "model_llvm.so"
+    build(mod, target).export_library(str(llvm_path))
+    max_diff, agreement = check_parity(model, CompiledClassifier(llvm_path), dataset_dir, cfg)
+    cuda_paths = {}
+    if shutil.which("nvcc"):
+        for arch in cfg.cuda_archs:
+            executable = build(mod, {"kind": "cuda", "arch": arch})
+            cuda_kernel_source(executable.mod)  # fails loudly if no kernels were generated
+            cuda_paths[arch] = out_dir / f"model_cuda_{arch}.so"
+            executable.export_library(str(cuda_paths[arch]))
+    mlflow.log_params({"compile.llvm_mcpu": target["mcpu"], "compile.cuda_archs": ",".join(cuda_paths) or "none"})
+    mlflow.log_metrics({"tvm_max_abs_diff": max_diff, "tvm_top1_agreement": agreement})
+    return CompileResult(exported_path, llvm_path, target, cuda_paths, max_diff, agreement)

@@ -1,0 +1,101 @@
+"""Great Expectations checks over a dataset's manifest; a failure stops the pipeline before training."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import great_expectations as gx
+import great_expectations.expectations as gxe
+import pandas as pd
+from PIL import Image
+
+from ml.data import dataset_digest, manifest, read_classes
+
+MIN_SIDE, MAX_SIDE = 16, 10_000  # pixels: thumbnails and panoramas are both data errors
+
+
+class DataValidationError(RuntimeError):
+    """The dataset broke at least one expectation; the message is the readable report."""
+
+
+@dataclass(frozen=True)
+class ValidationSummary:
+    digest: str
+    num_images: int
+    num_classes: int
+    report_path: Path
+
+
+def _image_facts(path: str) -> tuple[bool, int, int]:
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode fully: truncated JPEGs open fine but fail here
+            return True, *image.size
+    except (OSError, ValueError):
+        return False, 0, 0
+
+
+def profile(root: Path) -> pd.DataFrame:
+    """The manifest plus what the expectations look at: decodability, size, cross-split hashes."""
+    table = manifest(root)
+    facts = [_image_facts(p) for p in table["path"]]
+    table["decodes"] = [f[0] for f in facts]
+    table["width"] = [f[1] for f in facts]
+    table["height"] = [f[2] for f in facts]
+    table["splits_with_same_image"] = table.groupby("sha256")["split"].transform("nunique").fillna(1).astype(int)
+    return table
+
+
+def expectation_suite(num_classes: int) -> gx.ExpectationSuite:
+    suite = gx.ExpectationSuite(name="ip102_manifest")
+    for expectation in (
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        gxe.ExpectColumnValuesToNotBeNull(column="sha256"),  # the file exists
+        gxe.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True]),
+        gxe.ExpectColumnValuesToBeBetween(column="label", min_value=0, max_value=num_classes - 1),
+        gxe.ExpectColumnValuesToBeBetween(column="width", min_value=MIN_SIDE, max_value=MAX_SIDE),
+        gxe.ExpectColumnValuesToBeBetween(column="height", min_value=MIN_SIDE, max_value=MAX_SIDE),
+        gxe.ExpectColumnValuesToBeInSet(column="splits_with_same_image", value_set=[1]),
+        gxe.ExpectColumnDistinctValuesToContainSet(
+            column="label", value_set=list(range(num_classes)), row_condition='split=="train"', condition_parser="pandas"
+        ),
+    ):
+        suite.add_expectation(expectation)
+    return suite
+
+
+def _readable(results: list) -> str:
+    lines = []
+    for r in results:
+        if r.success:
+            continue
+        config = r.expectation_config
+        examples = r.result.get("partial_unexpected_list") or r.result.get("details") or r.result.get("observed_value")
+        lines.append(f"- {config.type} {dict(config.kwargs)}: unexpected {examples!r:.300}")
+    return "\n".join(lines)
+
+
+def validate_dataset(root: Path, report_dir: Path) -> ValidationSummary:
+    """Run the suite over the dataset at `root`; raise DataValidationError with a report on failure.
+
+    The full Great Expectations result is written as JSON to `report_dir` either way.
+    """
+    root = Path(root)
+    classes = read_classes(root)
+    table = profile(root)
+    context = gx.get_context(mode="ephemeral")
+    batch = (
+        context.data_sources.add_pandas("dataset")
+        .add_dataframe_asset("manifest")
+        .add_batch_definition_whole_dataframe("all")
+        .get_batch(batch_parameters={"dataframe": table})
+    )
+    result = batch.validate(expectation_suite(len(classes)))
+    report_dir.mkdir(parents=True, exist_ok=True)
+    report_path = report_dir / "validation.json"
+    report_path.write_text(json.dumps(result.to_json_dict(), indent=1))
+    if not result.success:
+        raise DataValidationError(f"dataset {root} failed validation (full report: {report_path}):\n{_readable(result.results)}")
+    return ValidationSummary(dataset_digest(table, classes), len(table), len(classes), report_path)

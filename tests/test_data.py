@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ml.data import SPLITS, IP102Dataset, all_captions, dataset_digest, manifest, read_classes, read_split
+from ml.data.synthetic import species_plan
+
+
+def test_generator_writes_ip102_layout(tiny_dataset):
+    assert read_classes(tiny_dataset) == ["rice leaf roller", "rice leaf caterpillar", "paddy stem maggot", "asiatic rice borer"]
+    assert (tiny_dataset / "classes.txt").read_text().startswith("1 rice leaf roller\n")
+    counts = {split: len(read_split(tiny_dataset, split)) for split in SPLITS}
+    assert counts == {"train": 24, "val": 8, "test": 8}
+    for split in SPLITS:
+        assert {label for _, label in read_split(tiny_dataset, split)} == {0, 1, 2, 3}
+    with Image.open(tiny_dataset / "images" / read_split(tiny_dataset, "test")[0][0]) as image:
+        assert image.size == (64, 64) and image.mode == "RGB"
+
+
+def test_classes_are_visually_distinct_but_images_vary(tiny_dataset):
+    plans = [species_plan(i, 4) for i in range(4)]
+    assert len(set(plans)) == 4
+    first_two = [np.asarray(Image.open(tiny_dataset / "images" / f"000_000{i}.jpg"), dtype=float) for i in range(2)]
+    assert np.abs(first_two[0] - first_two[1]).mean() > 5  # pose, background and noise differ
+
+
+def test_loader_reads_a_hand_made_ip102_directory(tmp_path: Path):
+    (tmp_path / "images").mkdir()
+    for name, colour in [("a.jpg", "red"), ("b.jpg", "blue"), ("c.jpg", "green")]:
+        Image.new("RGB", (40, 30), colour).save(tmp_path / "images" / name)
+    (tmp_path / "classes.txt").write_text("1 rice leaf roller\n2 grub\n")
+    (tmp_path / "train.txt").write_text("a.jpg 0\nb.jpg 1\n")
+    (tmp_path / "val.txt").write_text("c.jpg 1\n")
+    (tmp_path / "test.txt").write_text("")
+    assert read_classes(tmp_path) == ["rice leaf roller", "grub"]
+    dataset = IP102Dataset(tmp_path, "train")
+    image, label = dataset[1]
+    assert len(dataset) == 2 and label == 1 and image.getpixel((0, 0))[2] > 200
+    table = manifest(tmp_path)
+    assert list(table["split"]) == ["train", "train", "val"] and table["sha256"].notna().all()
+
+
+def test_plain_classes_file_without_numbers(tmp_path: Path):
+    (tmp_path / "classes.txt").write_text("aphids\nred spider\n")
+    assert read_classes(tmp_path) == ["aphids", "red spider"]
+
+
+def test_malformed_split_line_names_file_and_line(tmp_path: Path):
+    (tmp_path / "train.txt").write_text("a.jpg 0\nb.jpg\n")
+    with pytest.raises(ValueError, match=r"train.txt:2"):
+        read_split(tmp_path, "train")
+
+
+def test_digest_changes_with_content(tiny_dataset):
+    table, classes = manifest(tiny_dataset), read_classes(tiny_dataset)
+    digest = dataset_digest(table, classes)
+    assert digest == dataset_digest(table.sample(frac=1, random_state=0), classes)  # order-free
+    table.loc[0, "label"] = 3
+    assert dataset_digest(table, classes) != digest
+
+
+def test_captions_name_the_species():
+    captions = all_captions(["Rice Stemfly"])
+    assert captions and all("rice stemfly" in c for c in captions)

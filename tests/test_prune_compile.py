@@ -1,0 +1,56 @@
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ml.compile import CompiledClassifier, ParityError, build, check_parity, cuda_kernel_source, export, host_target, to_relax
+from ml.model import SpeciesClassifier, build_coca
+from ml.prune import count_macs, prune_mlp_channels
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), ["a", "b", "c", "d"]).eval()
+
+
+def test_pruning_removes_mlp_channels_and_keeps_the_model_working(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    macs_before, params_before = count_macs(model)
+    prune_mlp_channels(model, 0.5)
+    macs_after, params_after = count_macs(model)
+    hidden = {block.mlp.c_fc.out_features for block in model.visual.transformer.resblocks}
+    assert hidden == {384}  # 768 * 0.5
+    assert macs_after < 0.75 * macs_before and params_after < params_before
+    assert model(torch.rand(2, 3, 64, 64)).shape == (2, 4)
+
+
+def test_tvm_llvm_build_matches_eager(tiny_model, tiny_dataset, tmp_path, settings):
+    library = tmp_path / "model.so"
+    build(to_relax(export(tiny_model)), host_target()).export_library(str(library))
+    compiled = CompiledClassifier(library)
+    batch = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
+    with torch.inference_mode():
+        eager = tiny_model(torch.from_numpy(batch)).numpy()
+    assert np.abs(compiled(batch) - eager).max() < 1e-4  # any batch size: the batch dim is symbolic
+    max_diff, agreement = check_parity(tiny_model, compiled, tiny_dataset, settings.compile)
+    assert max_diff < 1e-3 and agreement == 1.0
+
+
+def test_parity_check_fails_on_a_different_model(tiny_model, tiny_dataset, settings):
+    def wrong(batch):
+        return np.zeros((len(batch), 4), dtype=np.float32)
+
+    with pytest.raises(ParityError, match="max"):
+        check_parity(tiny_model, wrong, tiny_dataset, settings.compile)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="CUDA cross-compilation needs nvcc")
+def test_cuda_cross_compile_carries_kernels_for_the_arch(tiny_model, tmp_path):
+    executable = build(to_relax(export(tiny_model)), {"kind": "cuda", "arch": "sm_80"})
+    source = cuda_kernel_source(executable.mod)
+    assert "__global__" in source
+    executable.export_library(str(tmp_path / "model_cuda.so"))
+    assert (tmp_path / "model_cuda.so").stat().st_size > 0

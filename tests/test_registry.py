@@ -1,0 +1,64 @@
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from ml.compile import export
+from ml.model import SpeciesClassifier, build_coca
+from registry import CHALLENGER, CHAMPION, gate, load_model, register_model, sha256, version_by_alias
+from registry.tracking import run
+
+CLASSES = ["a", "b", "c"]
+
+
+@pytest.fixture
+def artifacts(tmp_path):
+    torch.manual_seed(0)
+    model = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), CLASSES).eval()
+    path = tmp_path / "model.pt2"
+    torch.export.save(export(model), path)
+    return model, {"exported": path}
+
+
+def _register(settings, artifacts, top1, champion):
+    with run(settings):
+        version = register_model(settings.registered_model_name, artifacts, CLASSES, 64, tags={"dataset_digest": "d1"})
+        promoted = gate(settings.registered_model_name, version.version, {"top1": top1}, champion)
+    return version, promoted
+
+
+def test_first_version_becomes_champion_and_carries_hashes(settings, artifacts):
+    model, files = artifacts
+    version, promoted = _register(settings, files, 0.5, None)
+    assert promoted
+    name = settings.registered_model_name
+    assert version_by_alias(name, CHAMPION).version == version.version
+    assert version_by_alias(name, CHALLENGER).version == version.version
+    tags = MlflowClient().get_model_version(name, version.version).tags
+    assert tags["sha256.exported"] == sha256(files["exported"]) and tags["dataset_digest"] == "d1"
+    batch = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+    served = load_model(name).predict(batch)
+    with torch.inference_mode():
+        assert np.allclose(served, model(torch.from_numpy(batch)).numpy(), atol=1e-5)
+
+
+def test_champion_kept_when_challenger_is_worse(settings, artifacts):
+    _, files = artifacts
+    first, _ = _register(settings, files, 0.8, None)
+    second, promoted = _register(settings, files, 0.6, {"top1": 0.8})
+    name = settings.registered_model_name
+    assert not promoted
+    assert version_by_alias(name, CHAMPION).version == first.version
+    assert version_by_alias(name, CHALLENGER).version == second.version
+    decision = json.loads(MlflowClient().get_model_version(name, second.version).tags["gate"])
+    assert decision["promoted"] is False and decision["champion"] == {"top1": 0.8}
+    third, promoted = _register(settings, files, 0.9, {"top1": 0.8})
+    assert promoted and version_by_alias(name, CHAMPION).version == third.version
+
+
+def test_no_champion_is_none(settings):
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    assert version_by_alias("nothing-here", CHAMPION) is None
