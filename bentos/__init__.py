@@ -1,0 +1,1 @@
+"""BentoML service for the champion model (loads it through registry/, never training code)."""

@@ -85,9 +85,11 @@ def retrain():
         """The candidate and the current champion, on the same test split."""
         import mlflow
 
-        from ml.evaluate import evaluate as score, torch_predict_fn
+        from ml.evaluate import evaluate as score
+        from ml.evaluate import torch_predict_fn
         from ml.prune import load_model
-        from registry import CHAMPION, load_model as load_registered, version_by_alias
+        from registry import CHAMPION, version_by_alias
+        from registry import load_model as load_registered
         from registry.tracking import run
 
         settings = get_settings()

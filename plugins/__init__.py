@@ -1,0 +1,1 @@
+"""Airflow plugins folder (AIRFLOW__CORE__PLUGINS_FOLDER): custom operators and hooks."""

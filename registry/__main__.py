@@ -16,7 +16,10 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 
 def _versions(name: str) -> list:
-    return sorted(MlflowClient().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    """Versions in order; fetched one by one because search results leave `aliases` empty."""
+    client = MlflowClient()
+    numbers = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    return [client.get_model_version(name, str(n)) for n in numbers]
 
 
 @app.command("list")

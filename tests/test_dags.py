@@ -10,5 +10,5 @@ def test_dags_load_without_import_errors():
     assert bag.import_errors == {}
     dag = bag.dags.get("retrain")
     assert dag is not None
-    assert [t.task_id for t in dag.topological_sort()][0] == "validate_data"
+    assert next(t.task_id for t in dag.topological_sort()) == "validate_data"
     assert {"validate_data", "train", "prune", "compile_model", "evaluate", "register"} == set(dag.task_ids)

@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from typer.testing import CliRunner
 
 from ml.compile import export
 from ml.model import SpeciesClassifier, build_coca
 from registry import CHALLENGER, CHAMPION, gate, load_model, register_model, sha256, version_by_alias
+from registry.__main__ import app
 from registry.tracking import run
 
 CLASSES = ["a", "b", "c"]
@@ -62,3 +64,14 @@ def test_champion_kept_when_challenger_is_worse(settings, artifacts):
 def test_no_champion_is_none(settings):
     mlflow.set_tracking_uri(settings.tracking_uri)
     assert version_by_alias("nothing-here", CHAMPION) is None
+
+
+def test_list_shows_aliases_and_promote_moves_champion(settings, artifacts):
+    _, files = artifacts
+    _register(settings, files, 0.8, None)
+    _register(settings, files, 0.5, {"top1": 0.8})
+    runner = CliRunner()
+    listing = runner.invoke(app, ["list"]).output
+    assert "v1" in listing and "champion" in listing.splitlines()[0] and "challenger" in listing.splitlines()[1]
+    assert runner.invoke(app, ["promote", "2"]).exit_code == 0
+    assert "champion" in runner.invoke(app, ["list"]).output.splitlines()[1]

@@ -4,14 +4,14 @@ import torch
 from ml.data import read_classes
 from ml.model import SpeciesClassifier, build_coca
 from ml.train import finetune_classifier
+from registry.tracking import run as tracked_run
 
 
 def test_training_steps_through_deepspeed(settings, tmp_path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     model = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), read_classes(settings.resolved_dataset_dir))
     before = model.head.weight.detach().clone()
     cfg = settings.train.model_copy(update={"max_steps_per_epoch": 2})
-    with mlflow.start_run() as run:
+    with tracked_run(settings) as run:
         top1, epochs = finetune_classifier(model, settings.resolved_dataset_dir, cfg, epochs=1, stage="smoke",
                                            checkpoint_dir=tmp_path / "ckpt")
     assert epochs == 1 and 0.0 <= top1 <= 1.0

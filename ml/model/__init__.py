@@ -69,7 +69,7 @@ class SpeciesClassifier(nn.Module):
         self.register_buffer("std", torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1))
 
     @classmethod
-    def from_coca(cls, coca: CoCa, classes: list[str]) -> "SpeciesClassifier":
+    def from_coca(cls, coca: CoCa, classes: list[str]) -> SpeciesClassifier:
         return cls(coca.visual, coca.visual.output_dim, classes)
 
     @property
