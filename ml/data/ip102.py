@@ -1,0 +1,79 @@
+"""Read a dataset in the IP102 layout from any path: the real IP102 or the synthetic one.
+
+    root/images/NAME.jpg
+    root/train.txt, val.txt, test.txt   lines "NAME.jpg LABEL" (labels from 0)
+    root/classes.txt                    lines "N name" (IP102, N from 1) or just "name"
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "val", "test")
+IP102_CLASSES_FILE = Path(__file__).with_name("ip102_classes.txt")
+
+
+def read_classes(root: Path) -> list[str]:
+    """Species names in label order."""
+    names = []
+    for line in (root / "classes.txt").read_text().splitlines():
+        number, _, rest = line.strip().partition(" ")
+        names.append(rest.strip() if number.isdigit() and rest else line.strip())
+    return [n for n in names if n]
+
+
+def read_split(root: Path, split: str) -> list[tuple[str, int]]:
+    """(file name, label) pairs of one split file; a malformed line raises with its number."""
+    pairs = []
+    for number, line in enumerate((root / f"{split}.txt").read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise ValueError(f"{root / f'{split}.txt'}:{number}: expected 'NAME.jpg LABEL', got {line!r}")
+        pairs.append((parts[0], int(parts[1])))
+    return pairs
+
+
+def manifest(root: Path) -> pd.DataFrame:
+    """One row per (split, image): file, absolute path, label, and the image bytes' sha256."""
+    rows = []
+    for split in SPLITS:
+        for name, label in read_split(root, split):
+            path = root / "images" / name
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            rows.append({"split": split, "file": name, "path": str(path), "label": label, "sha256": digest})
+    return pd.DataFrame(rows, columns=["split", "file", "path", "label", "sha256"])
+
+
+def dataset_digest(table: pd.DataFrame, classes: list[str]) -> str:
+    """Content digest of a dataset version: splits, labels, image bytes and class names."""
+    h = hashlib.sha256("\n".join(classes).encode())
+    for row in table.sort_values(["split", "file"]).itertuples():
+        h.update(f"{row.split} {row.file} {row.label} {row.sha256}\n".encode())
+    return h.hexdigest()
+
+
+class IP102Dataset(Dataset):
+    """Images and labels of one split; `transform` maps a PIL image to a tensor."""
+
+    def __init__(self, root: Path, split: str, transform=None):
+        self.root = Path(root)
+        self.items = read_split(self.root, split)
+        self.classes = read_classes(self.root)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        name, label = self.items[index]
+        with Image.open(self.root / "images" / name) as image:
+            rgb = image.convert("RGB")
+        return (self.transform(rgb) if self.transform else rgb), label
