@@ -78,8 +78,6 @@ class Settings(BaseSettings):
     )
     experiment_name: str = "insect-classifier"
     registered_model_name: str = "insect-classifier"
-    # Retrain when this many new feedback rows have arrived (issue 4 wires the trigger).
-    min_new_feedback: int = 50
 
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
     model: ModelConfig = ModelConfig()

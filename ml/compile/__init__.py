@@ -81,8 +81,8 @@ class CompiledClassifier:
         self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        out = self._vm["main"](self._tvm.runtime.tensor(np.ascontiguousarray(batch, dtype=np.float32)))
-        return (out[0] if isinstance(out, (list, tuple)) or hasattr(out, "__getitem__") and not hasattr(out, "numpy") else out).numpy()
+        outputs = self._vm["main"](self._tvm.runtime.tensor(np.ascontiguousarray(batch, dtype=np.float32)))
+        return outputs[0].numpy()  # the exported program returns a one-element tuple
 
 
 def cuda_kernel_source(library_module) -> str:

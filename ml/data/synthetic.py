@@ -8,7 +8,6 @@ a small model has something real to learn and accuracy means something.
 from __future__ import annotations
 
 import colorsys
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
