@@ -130,7 +130,8 @@ def pretrain_coca(settings: Settings, dataset_dir: Path, checkpoint_dir: Path):
     tokenize = CaptionTokenizer(load_config(settings.model.name)["text_cfg"]["context_length"], all_captions(classes))
     coca = build_coca(settings.model.name, vocab_size=tokenize.vocab_size)
     collate = _caption_collate(classes, tokenize, random.Random(settings.train.seed))
-    train_set = IP102Dataset(dataset_dir, "train", train_transform(settings.model.image_size))
+    augment = train_transform(coca.visual.image_size[0])
+    train_set = IP102Dataset(dataset_dir, "train", augment)
     loader = DataLoader(train_set, batch_size=settings.train.batch_size, shuffle=True, drop_last=True, collate_fn=collate)
     coca_loss = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)  # open_clip's CoCa recipe
 
@@ -139,7 +140,7 @@ def pretrain_coca(settings: Settings, dataset_dir: Path, checkpoint_dir: Path):
         contrastive, captioning = coca_loss(**engine(images, texts))
         return contrastive + captioning
 
-    val_set = IP102Dataset(dataset_dir, "val", train_transform(settings.model.image_size))
+    val_set = IP102Dataset(dataset_dir, "val", augment)
     val_loader = DataLoader(val_set, batch_size=settings.train.batch_size, collate_fn=collate)
 
     def score_fn(module) -> float:  # negative validation loss
