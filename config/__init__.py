@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The Airflow Asset the ingest DAG updates and the retrain DAG is scheduled on.
+TRAINING_DATASET_ASSET = "insect_training_dataset"
 
 
 class SyntheticDataConfig(BaseModel):
@@ -29,11 +32,9 @@ class SyntheticDataConfig(BaseModel):
 
 
 class ModelConfig(BaseModel):
-    """Which CoCa variant to build (a JSON file in ml/model_configs/) and its input size."""
+    """Which CoCa variant to build: a JSON file in ml/model/configs/ (input size, widths, caption length)."""
 
     name: str = "coca_tiny"
-    image_size: int = 64
-    context_length: int = 24  # caption tokens; species captions are short
 
 
 class TrainConfig(BaseModel):
@@ -62,6 +63,31 @@ class CompileConfig(BaseModel):
     min_top1_agreement: float = 0.999
 
 
+class FeedbackConfig(BaseModel):
+    """Where user feedback lands. Unset URLs mean the embedded defaults: a PostgreSQL cluster the
+    project starts under the data directory, and images as files under the data directory."""
+
+    database_url: str | None = None  # e.g. postgresql+psycopg2://user:pw@host/db
+    postgres_port: int = 5433  # of the embedded cluster (5432 is left to a system server)
+    s3_bucket: str | None = None  # set to keep images in S3 (boto3; AWS_* credentials)
+    s3_endpoint_url: str | None = None  # MinIO, moto, ... ; unset means AWS
+    s3_prefix: str = "feedback"
+    max_image_bytes: int = 5 * 1024 * 1024
+    min_new_samples: int = 5  # the ingest DAG publishes a dataset version from this many
+
+
+class ServeConfig(BaseModel):
+    """The Bento HTTP service."""
+
+    port: int = 3000
+    alias: str = "champion"  # the registry alias served
+    top_k: int = 3
+    reload_interval_s: float = 10.0  # how often the alias is polled for a new version
+    backend: Literal["auto", "tvm", "eager"] = "auto"  # auto: the TVM build when it fits this CPU
+    max_batch_size: int = 32
+    max_latency_ms: int = 200
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="INSECT_", env_nested_delimiter="__", extra="ignore", protected_namespaces=()
@@ -84,6 +110,8 @@ class Settings(BaseSettings):
     train: TrainConfig = TrainConfig()
     prune: PruneConfig = PruneConfig()
     compile: CompileConfig = CompileConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
+    serve: ServeConfig = ServeConfig()
 
     @property
     def resolved_dataset_dir(self) -> Path:
@@ -101,6 +129,25 @@ class Settings(BaseSettings):
     @property
     def resolved_airflow_home(self) -> Path:
         return self.airflow_home or self.data_dir / "airflow"
+
+    @property
+    def dataset_versions_dir(self) -> Path:
+        """Dataset versions built from feedback (`v0001`, ...), each a full IP102 layout."""
+        return self.data_dir / "datasets" / "versions"
+
+    @property
+    def postgres_dir(self) -> Path:
+        """The embedded PostgreSQL cluster (only used when no database URL is configured)."""
+        return self.data_dir / "postgres"
+
+    @property
+    def database_url(self) -> str:
+        return self.feedback.database_url or f"postgresql+psycopg2://insect@127.0.0.1:{self.feedback.postgres_port}/insect"
+
+    @property
+    def image_store_dir(self) -> Path:
+        """Feedback images when no S3 bucket is configured."""
+        return self.data_dir / "feedback" / "images"
 
     @property
     def work_dir(self) -> Path:

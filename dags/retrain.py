@@ -5,7 +5,9 @@ Validate the dataset (Great Expectations) → train CoCa and the species classif
 → prune (torch-pruning) → compile (TVM, llvm + cuda) → evaluate against the champion on the
 test split → register in MLflow (`challenger`; `champion` if it wins).
 
-Every task logs into one MLflow run; tasks pass paths and ids, never tensors.
+Runs weekly, and whenever the ingest_feedback DAG publishes a new dataset version (the
+`insect_training_dataset` Asset); it always trains on the newest version. Every task logs into
+one MLflow run; tasks pass paths and ids, never tensors.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 
-from config import get_settings
+from config import TRAINING_DATASET_ASSET, get_settings
 
 
 @dag(
-    schedule="@weekly",
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * 0", timezone="UTC"),
+                                 assets=[Asset(TRAINING_DATASET_ASSET)]),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -32,11 +35,12 @@ def retrain():
         """Stop before training when the dataset breaks an expectation (no retry: data won't heal)."""
         from airflow.sdk.exceptions import AirflowFailException
 
+        from ml.data.versions import current_dataset
         from ml.validate import DataValidationError, validate_dataset
         from registry.tracking import run
 
         settings = get_settings()
-        dataset = settings.resolved_dataset_dir
+        dataset = current_dataset(settings)
         try:
             summary = validate_dataset(dataset, settings.work_dir / "validation")
         except DataValidationError as error:
@@ -70,15 +74,16 @@ def retrain():
         return str(result.model_path)
 
     @task
-    def compile_model(ctx: dict, model_path: str) -> dict[str, str]:
+    def compile_model(ctx: dict, model_path: str) -> dict:
         from ml.compile import compile_model as build
         from registry.tracking import run
 
         settings = get_settings()
         with run(settings, ctx["run_id"]):
             result = build(Path(model_path), Path(ctx["dataset_dir"]), settings.compile, settings.work_dir / ctx["run_id"] / "compile")
-        return {"exported": str(result.exported_path), "tvm_llvm": str(result.llvm_path),
-                **{f"tvm_cuda_{arch}": str(path) for arch, path in result.cuda_paths.items()}}
+        artifacts = {"exported": str(result.exported_path), "tvm_llvm": str(result.llvm_path),
+                     **{f"tvm_cuda_{arch}": str(path) for arch, path in result.cuda_paths.items()}}
+        return {"artifacts": artifacts, "tvm_llvm_target": result.llvm_target}
 
     @task
     def evaluate(ctx: dict, model_path: str) -> dict:
@@ -107,7 +112,7 @@ def retrain():
         return {"candidate": candidate, "champion": champion, "classes": model.classes, "image_size": model.image_size}
 
     @task
-    def register(ctx: dict, artifacts: dict[str, str], evaluation: dict) -> dict:
+    def register(ctx: dict, compiled: dict, evaluation: dict) -> dict:
         import json
 
         from registry import gate, register_model
@@ -117,8 +122,10 @@ def retrain():
         name = settings.registered_model_name
         with run(settings, ctx["run_id"]):
             version = register_model(
-                name, {k: Path(v) for k, v in artifacts.items()}, evaluation["classes"], evaluation["image_size"],
-                tags={"dataset_digest": ctx["digest"], "run_id": ctx["run_id"],
+                name, {k: Path(v) for k, v in compiled["artifacts"].items()},
+                {"classes": evaluation["classes"], "image_size": evaluation["image_size"],
+                 "tvm_llvm_target": compiled["tvm_llvm_target"]},
+                tags={"dataset_digest": ctx["digest"], "dataset_dir": ctx["dataset_dir"], "run_id": ctx["run_id"],
                       "config": json.dumps(settings.model_dump(include={"model", "train", "prune", "compile"}), default=str)},
             )
             promoted = gate(name, version.version, evaluation["candidate"], evaluation["champion"])

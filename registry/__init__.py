@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 
 from registry.pyfunc import SpeciesClassifierModel
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+PROMOTED_AT = "promoted_at"
 GATE_METRIC = "top1"
 
 
@@ -32,15 +38,17 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def register_model(name: str, artifacts: dict[str, Path], classes: list[str], image_size: int,
-                   tags: dict[str, str]) -> ModelVersion:
+def register_model(name: str, artifacts: dict[str, Path], model_config: dict, tags: dict[str, str]) -> ModelVersion:
     """Log the artifacts as one pyfunc model in the active run and register it as a new version
-    of `name`, tagged with each artifact's sha256 and `tags`, and aliased `challenger`."""
+    of `name`, tagged with each artifact's sha256 and `tags`, and aliased `challenger`.
+
+    `model_config` holds `classes`, `image_size` and `tvm_llvm_target` (the CPU the library was
+    built for)."""
     info = mlflow.pyfunc.log_model(
         name="classifier",
         python_model=SpeciesClassifierModel(),
         artifacts={key: str(path) for key, path in artifacts.items()},
-        model_config={"classes": classes, "image_size": image_size},
+        model_config=model_config,
         pip_requirements=[f"{p}=={package_version(p)}" for p in ("mlflow", "torch", "apache-tvm", "numpy")],
         registered_model_name=name,
     )
@@ -65,9 +73,63 @@ def load_model(name: str, alias: str = CHAMPION) -> mlflow.pyfunc.PyFuncModel:
     return mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
 
 
+class ChecksumError(RuntimeError):
+    """A downloaded artifact is not the file that was registered."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    version: str
+    model: SpeciesClassifierModel
+
+    @property
+    def backend(self) -> str:
+        return self.model.backend
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.model.predict(None, batch)
+
+
+def load_verified(name: str, alias: str = CHAMPION, backend: str = "auto") -> ServedModel | None:
+    """Download the version `alias` points at, check every artifact against its registered
+    sha256, and load it; None when the alias is not set."""
+    version = version_by_alias(name, alias)
+    if version is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="model-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=tmp))
+        artifacts = Model.load(local / "MLmodel").flavors["python_function"]["artifacts"]
+        for key, entry in artifacts.items():
+            expected, actual = version.tags.get(f"sha256.{key}"), sha256(local / entry["path"])
+            if expected != actual:
+                raise ChecksumError(f"{name} v{version.version} artifact {key!r}: sha256 {actual} != registered {expected}")
+        pyfunc = mlflow.pyfunc.load_model(str(local), model_config={"backend": backend})
+        return ServedModel(name, str(version.version), pyfunc.unwrap_python_model())
+
+
 def promote(name: str, version: str) -> None:
-    """Make `version` the champion: the same action as setting the alias in the MLflow UI."""
-    MlflowClient().set_registered_model_alias(name, CHAMPION, str(version))
+    """Make `version` the champion: the same action as setting the alias in the MLflow UI. The
+    time is tagged on the version, so `rollback` can find the champion before it."""
+    client = MlflowClient()
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    client.set_model_version_tag(name, str(version), PROMOTED_AT, datetime.now(UTC).isoformat())
+
+
+def rollback(name: str) -> str:
+    """Give `champion` back to the version promoted before the current champion; returns it."""
+    current = version_by_alias(name, CHAMPION)
+    if current is None:
+        raise LookupError(f"{name} has no champion to roll back from")
+    client = MlflowClient()
+    since = current.tags.get(PROMOTED_AT, "~")  # unset (promoted in the UI): any earlier promotion
+    earlier = [v for v in client.search_model_versions(f"name='{name}'")
+               if str(v.version) != str(current.version) and v.tags.get(PROMOTED_AT, "") and v.tags[PROMOTED_AT] < since]
+    if not earlier:
+        raise LookupError(f"{name} v{current.version} is the first champion; there is nothing to roll back to")
+    previous = max(earlier, key=lambda v: v.tags[PROMOTED_AT])
+    client.set_registered_model_alias(name, CHAMPION, previous.version)
+    return str(previous.version)
 
 
 def gate(name: str, version: str, candidate: dict[str, float], champion: dict[str, float] | None) -> bool:

@@ -1,4 +1,4 @@
-"""`python -m registry`: the registered model's versions, and where to look at them."""
+"""`python -m registry`: list the registered model's versions, promote one to champion, roll back."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 
 from config import get_settings
 from registry import promote as promote_version
+from registry import rollback as rollback_champion
 from registry.tracking import configure
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -45,6 +46,19 @@ def promote(version: Annotated[str, typer.Argument(help="model version to make c
     configure(settings)
     promote_version(settings.registered_model_name, version)
     typer.echo(f"{settings.registered_model_name} v{version} is now champion")
+
+
+@app.command()
+def rollback() -> None:
+    """Give `champion` back to the version that held it before the current one."""
+    settings = get_settings()
+    configure(settings)
+    try:
+        version = rollback_champion(settings.registered_model_name)
+    except LookupError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1) from error
+    typer.echo(f"{settings.registered_model_name} v{version} is champion again")
 
 
 @app.command()

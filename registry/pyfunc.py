@@ -1,24 +1,55 @@
 """The MLflow pyfunc flavour of a registered classifier: float32 NCHW images in [0, 1] -> logits.
 
-It runs the exported eager program (`model.pt2`); no training code is needed to load it.
+It runs the TVM llvm library when the version carries one built for this CPU, and the exported
+eager program (`model.pt2`) otherwise; `backend` says which. No training code is needed to load it.
 """
 
 from __future__ import annotations
 
 import mlflow.pyfunc
 import numpy as np
+from PIL import Image
+
+EAGER, TVM = "torch-eager", "tvm-llvm"
+
+
+def preprocess(image: Image.Image, size: int) -> np.ndarray:
+    """The resize every split is evaluated with (`ml.data.eval_transform`), as a CHW array."""
+    from ml.data.transforms import eval_transform
+
+    return eval_transform(size)(image.convert("RGB")).numpy()
 
 
 class SpeciesClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        import torch
+        config = context.model_config
+        self.classes: list[str] = config["classes"]
+        self.image_size: int = config["image_size"]
+        wanted = config.get("backend", "auto")  # auto | tvm | eager, overridable at load time
+        if wanted != "eager" and self._tvm_fits(context):
+            from ml.runtime import CompiledClassifier
 
-        self.classes: list[str] = context.model_config["classes"]
-        self.image_size: int = context.model_config["image_size"]
-        self._module = torch.export.load(context.artifacts["exported"]).module()
+            self.backend, self._run = TVM, CompiledClassifier(context.artifacts["tvm_llvm"])
+        elif wanted == "tvm":
+            raise RuntimeError("backend 'tvm' requested, but this version has no TVM library built for this CPU")
+        else:
+            import torch
+
+            module = torch.export.load(context.artifacts["exported"]).module()
+            self.backend = EAGER
+
+            def run(batch: np.ndarray) -> np.ndarray:
+                with torch.inference_mode():
+                    return module(torch.as_tensor(batch)).numpy()
+
+            self._run = run
+
+    @staticmethod
+    def _tvm_fits(context) -> bool:
+        from ml.runtime import host_target
+
+        built_for = context.model_config.get("tvm_llvm_target")
+        return "tvm_llvm" in context.artifacts and built_for == host_target()
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            return self._module(torch.as_tensor(np.asarray(model_input, dtype=np.float32))).numpy()
+        return self._run(np.asarray(model_input, dtype=np.float32))

@@ -1,34 +1,28 @@
-"""Shared fixtures: a tiny synthetic dataset and settings that point everything at a temp dir."""
+"""Shared fixtures: a tiny synthetic dataset, settings isolated in a temp dir, and real PostgreSQL
+and S3 servers on localhost."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from config import Settings, SyntheticDataConfig, get_settings
+from feedback import postgres
 from ml.data.synthetic import generate_synthetic
-
-# Small enough for seconds-long steps on 2 cores, big enough for every split to hold every class.
-TINY_ENV = {
-    "INSECT_SYNTHETIC__NUM_CLASSES": "4",
-    "INSECT_SYNTHETIC__IMAGES_PER_CLASS": "10",
-    "INSECT_TRAIN__PRETRAIN_EPOCHS": "1",
-    "INSECT_TRAIN__FINETUNE_EPOCHS": "1",
-    "INSECT_TRAIN__BATCH_SIZE": "8",
-    "INSECT_PRUNE__FINETUNE_EPOCHS": "1",
-    "INSECT_PRUNE__MAX_TOP1_DROP": "1.0",  # an untrained tiny model has no accuracy to protect
-    "INSECT_COMPILE__CUDA_ARCHS": '["sm_80"]',
-}
+from tests.support import TINY_ENV, free_port
 
 
 def pytest_configure(config):
-    """Keep Airflow's files out of ~/airflow; no example DAGs."""
-    import os
-    import tempfile
-
+    """Keep Airflow's files out of ~/airflow; no example DAGs; S3 credentials for moto only."""
     os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="airflow-home-"))
     os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(key, None)
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +41,26 @@ def settings(tmp_path, monkeypatch, tiny_dataset) -> Settings:
     get_settings.cache_clear()
     yield get_settings()
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A real PostgreSQL server, started the way the project starts its embedded one (in /tmp:
+    pytest's own temp dirs are private to root, and as root the server runs as `postgres`)."""
+    cluster = Path(tempfile.mkdtemp(prefix="insect-pg-")) / "cluster"
+    os.chmod(cluster.parent, 0o755)
+    yield postgres.ensure_running(cluster, free_port())
+    postgres.stop(cluster)
+    shutil.rmtree(cluster.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A real S3 API over HTTP on localhost (moto's standalone server)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

@@ -2,13 +2,28 @@ from pathlib import Path
 
 from airflow.dag_processing.dagbag import DagBag
 
+from config import TRAINING_DATASET_ASSET
+
 DAGS = Path(__file__).resolve().parent.parent / "dags"
 
 
-def test_dags_load_without_import_errors():
+def _bag() -> DagBag:
     bag = DagBag(dag_folder=str(DAGS))
     assert bag.import_errors == {}
-    dag = bag.dags.get("retrain")
-    assert dag is not None
+    return bag
+
+
+def test_retrain_dag_runs_on_a_cron_and_on_new_dataset_versions():
+    dag = _bag().dags.get("retrain")
     assert next(t.task_id for t in dag.topological_sort()) == "validate_data"
     assert {"validate_data", "train", "prune", "compile_model", "evaluate", "register"} == set(dag.task_ids)
+    assert dag.timetable.timetable.expression == "0 3 * * 0"
+    assert [asset.name for asset in dag.timetable.asset_condition.objects] == [TRAINING_DATASET_ASSET]
+
+
+def test_ingest_dag_publishes_the_dataset_asset_only_after_validation():
+    dag = _bag().dags.get("ingest_feedback")
+    order = [t.task_id for t in dag.topological_sort()]
+    assert order == ["enough_feedback", "stage_version", "validate_version", "publish_version"]
+    publish = dag.get_task("publish_version")
+    assert [outlet.name for outlet in publish.outlets] == [TRAINING_DATASET_ASSET]

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from ml.compile import CompiledClassifier, ParityError, build, check_parity, cuda_kernel_source, export, host_target, to_relax
+from ml.compile import ParityError, build, check_parity, cuda_kernel_source, export, to_relax
 from ml.model import SpeciesClassifier, build_coca
 from ml.prune import count_macs, prune_mlp_channels
+from ml.runtime import CompiledClassifier, host_target
 
 
 @pytest.fixture(scope="module")

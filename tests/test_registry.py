@@ -9,7 +9,18 @@ from typer.testing import CliRunner
 
 from ml.compile import export
 from ml.model import SpeciesClassifier, build_coca
-from registry import CHALLENGER, CHAMPION, gate, load_model, register_model, sha256, version_by_alias
+from registry import (
+    CHALLENGER,
+    CHAMPION,
+    ChecksumError,
+    gate,
+    load_model,
+    load_verified,
+    register_model,
+    rollback,
+    sha256,
+    version_by_alias,
+)
 from registry.__main__ import app
 from registry.tracking import run
 
@@ -27,7 +38,8 @@ def artifacts(tmp_path):
 
 def _register(settings, artifacts, top1, champion):
     with run(settings):
-        version = register_model(settings.registered_model_name, artifacts, CLASSES, 64, tags={"dataset_digest": "d1"})
+        version = register_model(settings.registered_model_name, artifacts, {"classes": CLASSES, "image_size": 64},
+                                 tags={"dataset_digest": "d1"})
         promoted = gate(settings.registered_model_name, version.version, {"top1": top1}, champion)
     return version, promoted
 
@@ -75,3 +87,26 @@ def test_list_shows_aliases_and_promote_moves_champion(settings, artifacts):
     assert "v1" in listing and "champion" in listing.splitlines()[0] and "challenger" in listing.splitlines()[1]
     assert runner.invoke(app, ["promote", "2"]).exit_code == 0
     assert "champion" in runner.invoke(app, ["list"]).output.splitlines()[1]
+
+
+def test_load_verified_serves_eager_and_refuses_tampered_artifacts(settings, artifacts):
+    _, files = artifacts
+    version, _ = _register(settings, files, 0.8, None)
+    served = load_verified(settings.registered_model_name)
+    assert (served.version, served.backend, served.model.classes) == (str(version.version), "torch-eager", CLASSES)
+    assert served.predict(np.zeros((1, 3, 64, 64), np.float32)).shape == (1, len(CLASSES))
+    MlflowClient().set_model_version_tag(settings.registered_model_name, version.version, "sha256.exported", "0" * 64)
+    with pytest.raises(ChecksumError, match="exported"):
+        load_verified(settings.registered_model_name)
+
+
+def test_rollback_returns_champion_to_the_previous_one(settings, artifacts):
+    _, files = artifacts
+    name = settings.registered_model_name
+    _register(settings, files, 0.8, None)
+    with pytest.raises(LookupError, match="nothing to roll back"):
+        rollback(name)
+    _register(settings, files, 0.9, {"top1": 0.8})
+    assert str(version_by_alias(name, CHAMPION).version) == "2"
+    assert CliRunner().invoke(app, ["rollback"]).exit_code == 0
+    assert str(version_by_alias(name, CHAMPION).version) == "1"

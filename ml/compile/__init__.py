@@ -1,8 +1,7 @@
 """Compile the classifier with TVM Relax: torch.export -> Relax -> a shared library per target.
 
-The llvm build targets the host CPU (detected, never named by hand: a wrong `mcpu` crashes at run
-time) and is checked against eager PyTorch on validation images. CUDA builds are cross-compiled
-whenever nvcc is on PATH; without a GPU they are checked by the kernels they carry.
+The llvm build targets the host CPU (`ml.runtime.host_target`) and is checked against eager
+PyTorch on validation images. CUDA builds are cross-compiled whenever nvcc is on PATH; without a GPU they are checked by the kernels they carry.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import torch
 
 from config import CompileConfig
 from ml.evaluate import collect_logits, torch_predict_fn
+from ml.runtime import CompiledClassifier, host_target
 
 
 class ParityError(RuntimeError):
@@ -31,13 +31,6 @@ class CompileResult:
     cuda_paths: dict[str, Path] = field(default_factory=dict)  # arch -> library
     max_abs_diff: float = 0.0
     top1_agreement: float = 1.0
-
-
-def host_target() -> dict:
-    """LLVM target for this machine's CPU, as TVM's own LLVM detects it."""
-    from tvm.target import codegen
-
-    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
 
 
 def export(model: torch.nn.Module) -> torch.export.ExportedProgram:
@@ -68,21 +61,6 @@ def build(mod, target: dict):
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
     return tvm.relax.build(mod, target=tvm_target)
-
-
-class CompiledClassifier:
-    """A TVM-built library on the CPU, callable like `ml.evaluate.PredictFn`."""
-
-    def __init__(self, library: Path):
-        import tvm
-        from tvm import relax
-
-        self._tvm = tvm
-        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        outputs = self._vm["main"](self._tvm.runtime.tensor(np.ascontiguousarray(batch, dtype=np.float32)))
-        return outputs[0].numpy()  # the exported program returns a one-element tuple
 
 
 def cuda_kernel_source(library_module) -> str:

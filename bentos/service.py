@@ -1,0 +1,202 @@
+"""The insect classifier as an HTTP API (BentoML 1.4).
+
+    POST /predict    an image (JPEG/PNG) -> top-k species, with the model version that answered
+    POST /feedback   a corrected label for an image or an earlier prediction -> a feedback id
+    POST /model      what is being served;   /livez, /readyz, /docs.json: BentoML's own
+
+The model is the registry's `champion`, checked against its registered sha256 before use, and
+swapped in place when the alias moves. Predictions are batched across requests (adaptive
+batching); feedback rows go to PostgreSQL and images to S3 (or local files), see `feedback/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import threading
+from http import HTTPStatus
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, ServiceUnavailable, UnprocessableEntity
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field
+
+from config import get_settings
+from feedback import db
+from feedback.images import image_key, image_store
+from registry import ServedModel, load_verified, version_by_alias
+from registry.pyfunc import preprocess
+from registry.tracking import configure
+
+logger = logging.getLogger("bentoml.insect")
+settings = get_settings()
+FORMATS = {"JPEG": ("image/jpeg", ".jpg"), "PNG": ("image/png", ".png")}
+
+
+class Species(BaseModel):
+    species: str
+    probability: float
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    backend: str = Field(description="torch-eager, or tvm-llvm when a TVM build for this CPU was registered")
+
+
+class Prediction(BaseModel):
+    prediction_id: str = Field(description="pass it to /feedback to correct this prediction")
+    species: str
+    probability: float
+    top_k: list[Species]
+    model: ModelInfo
+
+
+class Scores(BaseModel):
+    """One image's class probabilities and the version that produced them."""
+
+    probabilities: list[float]
+    version: str
+
+
+class FeedbackReceipt(BaseModel):
+    feedback_id: int
+    image_location: str
+
+
+class InputTooLarge(BentoMLException):
+    error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class NotAnImage(BentoMLException):
+    error_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+
+
+def read_image(path: Path, max_bytes: int) -> tuple[bytes, Image.Image]:
+    """The upload's bytes and decoded image; 4xx errors for anything else."""
+    size = path.stat().st_size
+    if size == 0:
+        raise InvalidArgument("the uploaded image is empty")
+    if size > max_bytes:
+        raise InputTooLarge(f"the image is {size} bytes; the limit is {max_bytes}")
+    data = path.read_bytes()
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        raise NotAnImage(f"not a readable JPEG or PNG image: {error}") from error
+    if image.format not in FORMATS:
+        raise NotAnImage(f"{image.format} images are not accepted; send JPEG or PNG")
+    return data, image
+
+
+@bentoml.service(name="insect_classifier", workers=1, threads=8,
+                 traffic={"timeout": 60, "max_concurrency": 256}, http={"port": settings.serve.port})
+class InsectClassifier:
+    def __init__(self) -> None:
+        configure(settings)
+        self.name = settings.registered_model_name
+        self.served: ServedModel | None = None
+        self.db = db.engine(settings)
+        self.images = image_store(settings)
+        self._reload()
+        threading.Thread(target=self._watch_alias, name="alias-watcher", daemon=True).start()
+
+    def _reload(self) -> None:
+        """Serve the version the alias points at now, if it is not served already."""
+        current = version_by_alias(self.name, settings.serve.alias)
+        if current is None or (self.served and self.served.version == str(current.version)):
+            return
+        self.served = load_verified(self.name, settings.serve.alias, settings.serve.backend)
+        logger.info("serving %s v%s (%s)", self.name, self.served.version, self.served.backend)
+
+    def _watch_alias(self) -> None:
+        while True:
+            threading.Event().wait(settings.serve.reload_interval_s)
+            try:
+                self._reload()
+            except Exception:  # a bad new version must not take the served one down
+                logger.exception("could not load the new %s; still serving the previous one", settings.serve.alias)
+
+    def __is_ready__(self) -> bool:
+        return self.served is not None
+
+    def _model(self) -> ServedModel:
+        if self.served is None:
+            raise ServiceUnavailable(f"no {self.name!r} version has alias {settings.serve.alias!r} yet")
+        return self.served
+
+    @bentoml.api(batchable=True, max_batch_size=settings.serve.max_batch_size, max_latency_ms=settings.serve.max_latency_ms)
+    def classify(self, images: np.ndarray) -> list[Scores]:
+        """Class probabilities for a batch of preprocessed images (float32 NCHW in [0, 1])."""
+        served = self._model()  # one version for the whole batch
+        logits = served.predict(images.astype(np.float32))
+        probabilities = np.exp(logits - logits.max(1, keepdims=True))
+        probabilities /= probabilities.sum(1, keepdims=True)
+        return [Scores(probabilities=row.tolist(), version=served.version) for row in probabilities]
+
+    @bentoml.api(route="/predict")
+    async def predict(self, image: Path, top_k: int = Field(default=settings.serve.top_k, ge=1, le=102)) -> Prediction:
+        """Species of the insect in a JPEG or PNG image, most likely first."""
+        data, decoded = read_image(image, settings.feedback.max_image_bytes)
+        served = self._model()
+        scores = (await self.to_async.classify(preprocess(decoded, served.model.image_size)[None]))[0]
+        if scores.version != served.version:  # the champion moved while this image queued
+            served = self._model()
+        ranked = np.argsort(scores.probabilities)[::-1][:top_k]
+        top = [Species(species=served.model.classes[i], probability=scores.probabilities[i]) for i in ranked]
+        key = await asyncio.to_thread(self._store_image, data, decoded.format)
+        prediction_id = await asyncio.to_thread(
+            db.record_prediction, self.db, model_name=self.name, model_version=scores.version, backend=served.backend,
+            label=top[0].species, probability=top[0].probability, image_sha256=key[0], image_key=key[1])
+        return Prediction(prediction_id=prediction_id, species=top[0].species, probability=top[0].probability, top_k=top,
+                          model=ModelInfo(name=self.name, version=scores.version, backend=served.backend))
+
+    @bentoml.api(route="/feedback")
+    def feedback(
+        self,
+        corrected_label: str = Field(description="the right species, one of POST /model's classes"),
+        # Annotated as plain Path: BentoML 1.4 cannot build a schema for an Optional file upload.
+        image: Path = Field(default=None, description="the image, JPEG or PNG (or give prediction_id)"),
+        prediction_id: str | None = Field(default=None, description="instead of an image: the id /predict returned"),
+        predicted_label: str | None = Field(default=None, description="what the model said; taken from the prediction when given"),
+        user_id: str | None = Field(default=None, max_length=200),
+    ) -> FeedbackReceipt:
+        """Record the right species for an image; the next retraining learns from it."""
+        classes = self._model().model.classes
+        if corrected_label not in classes:
+            raise UnprocessableEntity(f"unknown species {corrected_label!r}; POST /model lists the {len(classes)} known ones")
+        if (image is None) == (prediction_id is None):
+            raise InvalidArgument("send either an image or a prediction_id, not both and not neither")
+        if prediction_id is not None:
+            earlier = db.get_prediction(self.db, prediction_id)
+            if earlier is None:
+                raise NotFound(f"no prediction with id {prediction_id!r}")
+            sha, key, predicted_label = earlier.image_sha256, earlier.image_key, predicted_label or earlier.label
+        else:
+            if not predicted_label:
+                raise InvalidArgument("predicted_label is required with an image")
+            data, decoded = read_image(image, settings.feedback.max_image_bytes)
+            sha, key = self._store_image(data, decoded.format)
+        feedback_id = db.record_feedback(self.db, image_sha256=sha, image_key=key, predicted_label=predicted_label,
+                                         corrected_label=corrected_label, user_id=user_id, prediction_id=prediction_id)
+        return FeedbackReceipt(feedback_id=feedback_id, image_location=f"{self.images.location}/{key}")
+
+    @bentoml.api(route="/model")
+    def model(self) -> dict:
+        """The served version, its backend and the species it knows."""
+        served = self._model()
+        return {**ModelInfo(name=self.name, version=served.version, backend=served.backend).model_dump(),
+                "classes": served.model.classes, "image_size": served.model.image_size}
+
+    def _store_image(self, data: bytes, image_format: str) -> tuple[str, str]:
+        """Store the upload (content-addressed, so a repeat is free); returns (sha256, key)."""
+        sha = hashlib.sha256(data).hexdigest()
+        content_type, suffix = FORMATS[image_format]
+        key = image_key(settings.feedback.s3_prefix, sha, suffix)
+        self.images.put(key, data, content_type)
+        return sha, key

@@ -1,0 +1,129 @@
+"""Predictions and feedback in PostgreSQL (SQLAlchemy Core over psycopg2).
+
+The schema is owned by the Alembic migrations in `feedback/migrations`; the tables below mirror
+it for queries. Rows are only ever inserted, and marked once a dataset version has consumed them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+
+from config import Settings
+from feedback import postgres
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+metadata = sa.MetaData()
+predictions = sa.Table(
+    "predictions", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+    sa.Column("model_name", sa.Text, nullable=False),
+    sa.Column("model_version", sa.Text, nullable=False),
+    sa.Column("backend", sa.Text, nullable=False),
+    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("probability", sa.Float, nullable=False),
+    sa.Column("image_sha256", sa.String(64), nullable=False),
+    sa.Column("image_key", sa.Text, nullable=False),
+)
+dataset_exports = sa.Table(
+    "dataset_exports", metadata,
+    sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+    sa.Column("dataset_dir", sa.Text, nullable=False),
+    sa.Column("num_samples", sa.Integer, nullable=False),
+)
+feedback = sa.Table(
+    "feedback", metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+    sa.Column("prediction_id", sa.String(36), sa.ForeignKey("predictions.id")),
+    sa.Column("image_sha256", sa.String(64), nullable=False),
+    sa.Column("image_key", sa.Text, nullable=False),
+    sa.Column("predicted_label", sa.Text, nullable=False),
+    sa.Column("corrected_label", sa.Text, nullable=False),
+    sa.Column("user_id", sa.Text),
+    sa.Column("export_id", sa.Integer, sa.ForeignKey("dataset_exports.id")),
+)
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the newest migration (a no-op when it is there already)."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url)
+    command.upgrade(cfg, "head")
+
+
+def database_url(settings: Settings) -> str:
+    """The configured database, or the embedded cluster (started here when it is down)."""
+    if settings.feedback.database_url:
+        return settings.feedback.database_url
+    return postgres.ensure_running(settings.postgres_dir, settings.feedback.postgres_port)
+
+
+@cache
+def _engine(url: str) -> sa.Engine:
+    migrate(url)
+    return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def engine(settings: Settings) -> sa.Engine:
+    """A pooled engine on a migrated database, one per URL and process."""
+    return _engine(database_url(settings))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    id: str
+    model_version: str
+    label: str
+    image_sha256: str
+    image_key: str
+
+
+def record_prediction(db: sa.Engine, *, model_name: str, model_version: str, backend: str, label: str,
+                      probability: float, image_sha256: str, image_key: str) -> str:
+    prediction_id = str(uuid.uuid4())
+    with db.begin() as conn:
+        conn.execute(predictions.insert().values(
+            id=prediction_id, model_name=model_name, model_version=model_version, backend=backend, label=label,
+            probability=probability, image_sha256=image_sha256, image_key=image_key))
+    return prediction_id
+
+
+def get_prediction(db: sa.Engine, prediction_id: str) -> Prediction | None:
+    with db.connect() as conn:
+        row = conn.execute(sa.select(predictions).where(predictions.c.id == prediction_id)).first()
+    return None if row is None else Prediction(row.id, row.model_version, row.label, row.image_sha256, row.image_key)
+
+
+def record_feedback(db: sa.Engine, *, image_sha256: str, image_key: str, predicted_label: str,
+                    corrected_label: str, user_id: str | None, prediction_id: str | None) -> int:
+    with db.begin() as conn:
+        return conn.execute(feedback.insert().values(
+            image_sha256=image_sha256, image_key=image_key, predicted_label=predicted_label,
+            corrected_label=corrected_label, user_id=user_id, prediction_id=prediction_id,
+        ).returning(feedback.c.id)).scalar_one()
+
+
+def pending_feedback(db: sa.Engine) -> list[sa.Row]:
+    """Feedback no dataset version has consumed yet, oldest first."""
+    with db.connect() as conn:
+        return list(conn.execute(sa.select(feedback).where(feedback.c.export_id.is_(None)).order_by(feedback.c.id)))
+
+
+def mark_exported(db: sa.Engine, feedback_ids: list[int], dataset_dir: Path, num_samples: int) -> int:
+    """Record a published dataset version and the feedback it consumed, in one transaction."""
+    with db.begin() as conn:
+        export_id = conn.execute(dataset_exports.insert().values(dataset_dir=str(dataset_dir), num_samples=num_samples)
+                                 .returning(dataset_exports.c.id)).scalar_one()
+        conn.execute(feedback.update().where(feedback.c.id.in_(feedback_ids)).values(export_id=export_id))
+    return export_id

@@ -1,0 +1,69 @@
+"""Feedback images, addressed by content hash: in an S3 bucket (boto3) when one is configured,
+otherwise as files under the data directory. Storing the same image twice is a no-op."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from config import Settings
+
+
+def image_key(prefix: str, sha256: str, suffix: str) -> str:
+    return f"{prefix}/{sha256[:2]}/{sha256}{suffix}"
+
+
+class ImageStore(Protocol):
+    location: str
+
+    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+
+class S3ImageStore:
+    def __init__(self, bucket: str, endpoint_url: str | None = None):
+        import boto3
+
+        self.bucket = bucket
+        self.location = f"s3://{bucket}"
+        self._s3 = boto3.client("s3", endpoint_url=endpoint_url)
+
+    def ensure_bucket(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self._s3.create_bucket(Bucket=self.bucket)
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+
+    def get(self, key: str) -> bytes:
+        return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+
+class LocalImageStore:
+    def __init__(self, root: Path):
+        self.root = root
+        self.location = root.as_uri()
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(data)
+        partial.replace(path)  # atomic: a crash never leaves a truncated image under the key
+
+    def get(self, key: str) -> bytes:
+        return (self.root / key).read_bytes()
+
+
+def image_store(settings: Settings) -> ImageStore:
+    cfg = settings.feedback
+    if cfg.s3_bucket:
+        store = S3ImageStore(cfg.s3_bucket, cfg.s3_endpoint_url or None)
+        store.ensure_bucket()
+        return store
+    return LocalImageStore(settings.image_store_dir)

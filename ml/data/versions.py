@@ -1,0 +1,123 @@
+"""Dataset versions: each one a complete IP102-layout directory (images hard-linked from its
+parent), with labelled samples added to the train split. Val and test stay the parent's, so
+every version is scored on the same images and models stay comparable across versions."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from config import Settings
+from ml.data.ip102 import SPLITS, manifest, read_classes, read_split
+
+VERSION_PREFIX = "v"
+STAGING_SUFFIX = ".staging"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A labelled image to add: the original bytes, identified by their sha256."""
+
+    sha256: str
+    label: str
+    data: bytes
+    source: str  # where it came from, kept in the version's samples.csv (e.g. "feedback:17")
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    root: Path
+    added: int  # new train images
+    relabelled: int  # images already in train whose label changed
+    skipped: list[str]  # sources not used, with why
+
+
+def latest_version(versions_dir: Path) -> Path | None:
+    versions = sorted(p for p in versions_dir.glob(f"{VERSION_PREFIX}[0-9]*") if p.is_dir() and p.suffix != STAGING_SUFFIX)
+    return versions[-1] if versions else None
+
+
+def current_dataset(settings: Settings) -> Path:
+    """What training uses: the newest version built from feedback, else the base dataset."""
+    return latest_version(settings.dataset_versions_dir) or settings.resolved_dataset_dir
+
+
+def next_version(versions_dir: Path) -> Path:
+    latest = latest_version(versions_dir)
+    number = int(latest.name[len(VERSION_PREFIX):]) + 1 if latest else 1
+    return versions_dir / f"{VERSION_PREFIX}{number:04d}"
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem: copy instead
+        shutil.copy2(source, target)
+
+
+def _as_jpeg(data: bytes) -> bytes:
+    with Image.open(io.BytesIO(data)) as image:
+        out = io.BytesIO()
+        image.convert("RGB").save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def build_version(parent: Path, samples: list[Sample], out: Path) -> VersionSummary:
+    """Write `parent` plus `samples` (the last label per image wins) to `out`.
+
+    An image already in val or test is skipped (training on it would leak into the scores);
+    an image already in train gets the new label."""
+    classes = read_classes(parent)
+    table = manifest(parent)
+    held_out = set(table.loc[table.split != "train", "sha256"])
+    train_file_by_sha = dict(zip(table.loc[table.split == "train", "sha256"], table.loc[table.split == "train", "file"]))
+
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "images").mkdir(parents=True)
+    for image in (parent / "images").iterdir():
+        _link_or_copy(image, out / "images" / image.name)
+    for name in ["classes.txt", *(f"{s}.txt" for s in SPLITS if s != "train")]:
+        shutil.copy2(parent / name, out / name)
+
+    train = dict(read_split(parent, "train"))
+    latest = {s.sha256: s for s in samples}  # dict keeps the last sample per image
+    added = relabelled = 0
+    skipped, rows = [], []
+    for sample in latest.values():
+        if sample.label not in classes:
+            skipped.append(f"{sample.source}: unknown species {sample.label!r}")
+            continue
+        if sample.sha256 in held_out:
+            skipped.append(f"{sample.source}: image is in the val/test split")
+            continue
+        label = classes.index(sample.label)
+        file = train_file_by_sha.get(sample.sha256) or f"feedback_{sample.sha256[:16]}.jpg"
+        if file in train:
+            relabelled += train[file] != label
+        else:
+            (out / "images" / file).write_bytes(_as_jpeg(sample.data))
+            added += 1
+        train[file] = label
+        rows.append({"source": sample.source, "sha256": sample.sha256, "file": file, "label": sample.label})
+    (out / "train.txt").write_text("".join(f"{file} {label}\n" for file, label in train.items()))
+    _append_samples_csv(parent, out, rows)
+    return VersionSummary(out, added, relabelled, skipped)
+
+
+def _append_samples_csv(parent: Path, out: Path, rows: list[dict]) -> None:
+    """`samples.csv`: every sample added since the base dataset, with where it came from."""
+    fields = ["source", "sha256", "file", "label"]
+    previous = parent / "samples.csv"
+    with open(out / "samples.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        if previous.exists():
+            with open(previous, newline="") as earlier:
+                writer.writerows(csv.DictReader(earlier))
+        writer.writerows(rows)

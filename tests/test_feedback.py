@@ -1,0 +1,95 @@
+"""Feedback storage (PostgreSQL + S3) and its export into dataset versions."""
+
+import hashlib
+import io
+
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+
+from feedback import db
+from feedback.export import pending_count, publish, stage
+from feedback.images import image_key, image_store
+from ml.data import read_classes, read_split
+from ml.data.versions import current_dataset
+from ml.validate import validate_dataset
+
+
+@pytest.fixture
+def live_settings(settings, monkeypatch, postgres_url, s3_endpoint, request):
+    """Settings on the real servers, with a bucket and a database schema of this test's own."""
+    bucket = f"fb-{request.node.name.replace('_', '-')[:40].lower()}"
+    monkeypatch.setattr(settings.feedback, "database_url", postgres_url)
+    monkeypatch.setattr(settings.feedback, "s3_bucket", bucket)
+    monkeypatch.setattr(settings.feedback, "s3_endpoint_url", s3_endpoint)
+    monkeypatch.setattr(settings.feedback, "min_new_samples", 1)
+    with db.engine(settings).begin() as conn:  # each test starts with no pending feedback
+        conn.execute(db.feedback.delete())
+    return settings
+
+
+def _photo(seed: int) -> bytes:
+    out = io.BytesIO()
+    Image.effect_noise((48, 48), 40 + seed).convert("RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
+def _post_feedback(settings, data: bytes, label: str, predicted: str = "rice leaf roller") -> int:
+    sha = hashlib.sha256(data).hexdigest()
+    key = image_key(settings.feedback.s3_prefix, sha, ".png")
+    image_store(settings).put(key, data, "image/png")
+    return db.record_feedback(db.engine(settings), image_sha256=sha, image_key=key, predicted_label=predicted,
+                              corrected_label=label, user_id="tester", prediction_id=None)
+
+
+def _stage_validate_publish(settings):
+    staged = stage(settings)
+    validate_dataset(staged.staging_dir, settings.work_dir / "validation")
+    publish(settings, staged.staging_dir, staged.target_dir, staged.feedback_ids,
+            staged.summary.added + staged.summary.relabelled)
+    return staged
+
+
+def test_migrations_are_idempotent(postgres_url):
+    db.migrate(postgres_url)
+    db.migrate(postgres_url)
+    tables = sa.inspect(sa.create_engine(postgres_url)).get_table_names()
+    assert {"predictions", "feedback", "dataset_exports", "alembic_version"} <= set(tables)
+
+
+def test_export_builds_a_validated_version_with_the_corrections(live_settings):
+    settings = live_settings
+    base = settings.resolved_dataset_dir
+    classes = read_classes(base)
+    photo, other = _photo(1), _photo(2)
+    _post_feedback(settings, photo, classes[0])
+    _post_feedback(settings, photo, classes[2])  # the same image corrected again: the last label wins
+    _post_feedback(settings, other, classes[1])
+    test_name, _ = read_split(base, "test")[0]
+    _post_feedback(settings, (base / "images" / test_name).read_bytes(), classes[3])  # would leak into the test score
+    assert pending_count(settings) == 4
+
+    staged = _stage_validate_publish(settings)
+
+    version = current_dataset(settings)
+    assert version == staged.target_dir and version.name == "v0001"
+    train = dict(read_split(version, "train"))
+    assert len(train) == len(read_split(base, "train")) + 2
+    assert train[f"feedback_{hashlib.sha256(photo).hexdigest()[:16]}.jpg"] == 2
+    assert train[f"feedback_{hashlib.sha256(other).hexdigest()[:16]}.jpg"] == 1
+    assert read_split(version, "test") == read_split(base, "test")  # scores stay comparable
+    assert staged.summary.skipped == [f"feedback:{staged.feedback_ids[-1]}: image is in the val/test split"]
+    assert "source" in (version / "samples.csv").read_text()
+    assert pending_count(settings) == 0
+
+
+def test_the_next_export_builds_on_the_previous_version(live_settings):
+    settings = live_settings
+    classes = read_classes(settings.resolved_dataset_dir)
+    _post_feedback(settings, _photo(3), classes[0])
+    first = _stage_validate_publish(settings)
+    _post_feedback(settings, _photo(4), classes[1])
+    second = _stage_validate_publish(settings)
+    assert second.parent_dir == first.target_dir
+    assert len(read_split(second.target_dir, "train")) == len(read_split(first.target_dir, "train")) + 1
+    assert len((second.target_dir / "samples.csv").read_text().splitlines()) == 3  # header + both samples
