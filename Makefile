@@ -5,8 +5,6 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 VENV := .venv
 PY := $(VENV)/bin/python
-# Airflow and MLflow locations come from the project's config module (python -m config airflow-env).
-WITH_ENV = source $(VENV)/bin/activate && eval "$$($(PY) -m config airflow-env)" &&
 
 .PHONY: demo test test-fast data lint clean
 
@@ -24,11 +22,7 @@ data: $(VENV)/.synced
 	$(PY) -m ml.data generate
 
 demo: $(VENV)/.synced data
-	@start=$$(date +%s); \
-	$(WITH_ENV) airflow db migrate >/dev/null && \
-	airflow dags test retrain && \
-	$(PY) -m registry summary && \
-	echo "demo wall time: $$(( $$(date +%s) - start )) s"
+	scripts/demo.sh
 
 test: $(VENV)/.synced
 	$(VENV)/bin/pytest

@@ -16,12 +16,16 @@ import hashlib
 import io
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http import HTTPStatus
 from pathlib import Path
 
 import bentoml
 import numpy as np
+import sqlalchemy as sa
 from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, ServiceUnavailable, UnprocessableEntity
+from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
@@ -94,6 +98,16 @@ def read_image(path: Path, max_bytes: int) -> tuple[bytes, Image.Image]:
     return data, image
 
 
+@contextmanager
+def storage_unavailable_as_503() -> Iterator[None]:
+    """A database or bucket outage is the client's cue to retry, not a server bug."""
+    try:
+        yield
+    except (sa.exc.OperationalError, BotoCoreError, ClientError, OSError) as error:
+        logger.exception("feedback storage failed")
+        raise ServiceUnavailable(f"feedback storage is unavailable, retry later ({type(error).__name__})") from error
+
+
 @bentoml.service(name="insect_classifier", workers=1, threads=8,
                  traffic={"timeout": 60, "max_concurrency": 256}, http={"port": settings.serve.port})
 class InsectClassifier:
@@ -149,10 +163,11 @@ class InsectClassifier:
             served = self._model()
         ranked = np.argsort(scores.probabilities)[::-1][:top_k]
         top = [Species(species=served.model.classes[i], probability=scores.probabilities[i]) for i in ranked]
-        key = await asyncio.to_thread(self._store_image, data, decoded.format)
-        prediction_id = await asyncio.to_thread(
-            db.record_prediction, self.db, model_name=self.name, model_version=scores.version, backend=served.backend,
-            label=top[0].species, probability=top[0].probability, image_sha256=key[0], image_key=key[1])
+        with storage_unavailable_as_503():
+            sha, key = await asyncio.to_thread(self._store_image, data, decoded.format)
+            prediction_id = await asyncio.to_thread(
+                db.record_prediction, self.db, model_name=self.name, model_version=scores.version, backend=served.backend,
+                label=top[0].species, probability=top[0].probability, image_sha256=sha, image_key=key)
         return Prediction(prediction_id=prediction_id, species=top[0].species, probability=top[0].probability, top_k=top,
                           model=ModelInfo(name=self.name, version=scores.version, backend=served.backend))
 
@@ -172,18 +187,19 @@ class InsectClassifier:
             raise UnprocessableEntity(f"unknown species {corrected_label!r}; POST /model lists the {len(classes)} known ones")
         if (image is None) == (prediction_id is None):
             raise InvalidArgument("send either an image or a prediction_id, not both and not neither")
-        if prediction_id is not None:
-            earlier = db.get_prediction(self.db, prediction_id)
-            if earlier is None:
-                raise NotFound(f"no prediction with id {prediction_id!r}")
-            sha, key, predicted_label = earlier.image_sha256, earlier.image_key, predicted_label or earlier.label
-        else:
-            if not predicted_label:
-                raise InvalidArgument("predicted_label is required with an image")
-            data, decoded = read_image(image, settings.feedback.max_image_bytes)
-            sha, key = self._store_image(data, decoded.format)
-        feedback_id = db.record_feedback(self.db, image_sha256=sha, image_key=key, predicted_label=predicted_label,
-                                         corrected_label=corrected_label, user_id=user_id, prediction_id=prediction_id)
+        with storage_unavailable_as_503():
+            if prediction_id is not None:
+                earlier = db.get_prediction(self.db, prediction_id)
+                if earlier is None:
+                    raise NotFound(f"no prediction with id {prediction_id!r}")
+                sha, key, predicted_label = earlier.image_sha256, earlier.image_key, predicted_label or earlier.label
+            else:
+                if not predicted_label:
+                    raise InvalidArgument("predicted_label is required with an image")
+                data, decoded = read_image(image, settings.feedback.max_image_bytes)
+                sha, key = self._store_image(data, decoded.format)
+            feedback_id = db.record_feedback(self.db, image_sha256=sha, image_key=key, predicted_label=predicted_label,
+                                             corrected_label=corrected_label, user_id=user_id, prediction_id=prediction_id)
         return FeedbackReceipt(feedback_id=feedback_id, image_location=f"{self.images.location}/{key}")
 
     @bentoml.api(route="/model")

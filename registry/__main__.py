@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import mlflow
@@ -36,7 +37,8 @@ def list_versions() -> None:
     for v in versions:
         metrics = mlflow.get_run(v.run_id).data.metrics
         scores = "  ".join(f"{k}={metrics[k]:.3f}" for k in ("top1", "top5", "macro_f1") if k in metrics)
-        typer.echo(f"{name} v{v.version:<3} {','.join(v.aliases) or '-':<22} {scores}")
+        dataset = Path(v.tags.get("dataset_dir", "?")).name
+        typer.echo(f"{name} v{v.version:<3} {','.join(v.aliases) or '-':<22} {scores}  dataset={dataset}")
 
 
 @app.command()

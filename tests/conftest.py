@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from config import Settings, SyntheticDataConfig, get_settings
-from feedback import postgres
+from feedback import db, postgres
 from ml.data.synthetic import generate_synthetic
 from tests.support import TINY_ENV, free_port
 
@@ -49,9 +49,11 @@ def postgres_url() -> str:
     pytest's own temp dirs are private to root, and as root the server runs as `postgres`)."""
     cluster = Path(tempfile.mkdtemp(prefix="insect-pg-")) / "cluster"
     os.chmod(cluster.parent, 0o755)
-    yield postgres.ensure_running(cluster, free_port())
-    postgres.stop(cluster)
-    shutil.rmtree(cluster.parent, ignore_errors=True)
+    try:
+        yield postgres.ensure_running(cluster, free_port())
+    finally:  # also when start-up failed half-way
+        postgres.stop(cluster)
+        shutil.rmtree(cluster.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +66,16 @@ def s3_endpoint() -> str:
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture
+def live_settings(settings, monkeypatch, postgres_url, s3_endpoint, request):
+    """Settings on the real servers, with a bucket and a database schema of this test's own."""
+    bucket = f"fb-{request.node.name.replace('_', '-')[:40].lower()}"
+    monkeypatch.setattr(settings.feedback, "database_url", postgres_url)
+    monkeypatch.setattr(settings.feedback, "s3_bucket", bucket)
+    monkeypatch.setattr(settings.feedback, "s3_endpoint_url", s3_endpoint)
+    monkeypatch.setattr(settings.feedback, "min_new_samples", 1)
+    with db.engine(settings).begin() as conn:  # each test starts with no pending feedback
+        conn.execute(db.feedback.delete())
+    return settings

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import socket
 import tempfile
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from config import get_settings
+from feedback import db
+from feedback.images import image_key, image_store
 from ml.compile import export
 from ml.model import SpeciesClassifier, build_coca
 from registry import promote, register_model
@@ -45,3 +50,19 @@ def register_tiny_model(classes: list[str], seed: int, champion: bool = True) ->
     if champion:
         promote(get_settings().registered_model_name, version.version)
     return str(version.version)
+
+
+def photo_bytes(seed: int) -> bytes:
+    """A PNG no dataset contains."""
+    out = io.BytesIO()
+    Image.effect_noise((48, 48), 40 + seed).convert("RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
+def post_feedback(settings, data: bytes, label: str, predicted: str = "rice leaf roller") -> int:
+    """Store feedback the way the service does (image first, then the row); returns its id."""
+    sha = hashlib.sha256(data).hexdigest()
+    key = image_key(settings.feedback.s3_prefix, sha, ".png")
+    image_store(settings).put(key, data, "image/png")
+    return db.record_feedback(db.engine(settings), image_sha256=sha, image_key=key, predicted_label=predicted,
+                              corrected_label=label, user_id="tester", prediction_id=None)

@@ -1,6 +1,8 @@
-"""The retraining DAG end to end through `airflow dags test`, as `make demo` runs it."""
+"""The DAGs end to end through `airflow dags test`, as `make demo` runs them."""
 
+import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +11,11 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from config import TRAINING_DATASET_ASSET
+from feedback import db
+from ml.data import read_classes, read_split
 from registry import CHAMPION
+from tests.support import photo_bytes, post_feedback
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,11 +25,36 @@ def _airflow(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([str(airflow), *args], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
 
 
-@pytest.mark.slow
-def test_retrain_dag_registers_a_champion(settings, tmp_path):
+def _airflow_env(settings, tmp_path) -> dict:
     env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"), "MLFLOW_TRACKING_URI": settings.tracking_uri}
     assert _airflow(["db", "migrate"], env).returncode == 0
+    return env
+
+
+@pytest.mark.slow
+def test_ingest_dag_publishes_a_dataset_version_and_an_asset_event(live_settings, tmp_path):
+    settings = live_settings
+    classes = read_classes(settings.resolved_dataset_dir)
+    ids = [post_feedback(settings, photo_bytes(10 + i), classes[i % len(classes)]) for i in range(3)]
+    env = {**_airflow_env(settings, tmp_path), "INSECT_FEEDBACK__DATABASE_URL": settings.feedback.database_url,
+           "INSECT_FEEDBACK__S3_BUCKET": settings.feedback.s3_bucket,
+           "INSECT_FEEDBACK__S3_ENDPOINT_URL": settings.feedback.s3_endpoint_url, "INSECT_FEEDBACK__MIN_NEW_SAMPLES": "3"}
+    result = _airflow(["dags", "test", "ingest_feedback"], env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    version = settings.dataset_versions_dir / "v0001"
+    assert len(read_split(version, "train")) == len(read_split(settings.resolved_dataset_dir, "train")) + 3
+    assert db.pending_feedback(db.engine(settings)) == []
+    with sqlite3.connect(tmp_path / "airflow" / "airflow.db") as conn:
+        events = conn.execute("SELECT a.name, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id").fetchall()
+    assert [name for name, _ in events] == [TRAINING_DATASET_ASSET]
+    assert json.loads(events[0][1])["feedback_ids"] == ids
+
+
+@pytest.mark.slow
+def test_retrain_dag_registers_a_champion(settings, tmp_path):
+    env = _airflow_env(settings, tmp_path)
     result = _airflow(["dags", "test", "retrain"], env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 

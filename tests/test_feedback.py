@@ -1,45 +1,15 @@
 """Feedback storage (PostgreSQL + S3) and its export into dataset versions."""
 
 import hashlib
-import io
 
-import pytest
 import sqlalchemy as sa
-from PIL import Image
 
 from feedback import db
 from feedback.export import pending_count, publish, stage
-from feedback.images import image_key, image_store
 from ml.data import read_classes, read_split
 from ml.data.versions import current_dataset
 from ml.validate import validate_dataset
-
-
-@pytest.fixture
-def live_settings(settings, monkeypatch, postgres_url, s3_endpoint, request):
-    """Settings on the real servers, with a bucket and a database schema of this test's own."""
-    bucket = f"fb-{request.node.name.replace('_', '-')[:40].lower()}"
-    monkeypatch.setattr(settings.feedback, "database_url", postgres_url)
-    monkeypatch.setattr(settings.feedback, "s3_bucket", bucket)
-    monkeypatch.setattr(settings.feedback, "s3_endpoint_url", s3_endpoint)
-    monkeypatch.setattr(settings.feedback, "min_new_samples", 1)
-    with db.engine(settings).begin() as conn:  # each test starts with no pending feedback
-        conn.execute(db.feedback.delete())
-    return settings
-
-
-def _photo(seed: int) -> bytes:
-    out = io.BytesIO()
-    Image.effect_noise((48, 48), 40 + seed).convert("RGB").save(out, format="PNG")
-    return out.getvalue()
-
-
-def _post_feedback(settings, data: bytes, label: str, predicted: str = "rice leaf roller") -> int:
-    sha = hashlib.sha256(data).hexdigest()
-    key = image_key(settings.feedback.s3_prefix, sha, ".png")
-    image_store(settings).put(key, data, "image/png")
-    return db.record_feedback(db.engine(settings), image_sha256=sha, image_key=key, predicted_label=predicted,
-                              corrected_label=label, user_id="tester", prediction_id=None)
+from tests.support import photo_bytes, post_feedback
 
 
 def _stage_validate_publish(settings):
@@ -61,12 +31,12 @@ def test_export_builds_a_validated_version_with_the_corrections(live_settings):
     settings = live_settings
     base = settings.resolved_dataset_dir
     classes = read_classes(base)
-    photo, other = _photo(1), _photo(2)
-    _post_feedback(settings, photo, classes[0])
-    _post_feedback(settings, photo, classes[2])  # the same image corrected again: the last label wins
-    _post_feedback(settings, other, classes[1])
+    photo, other = photo_bytes(1), photo_bytes(2)
+    post_feedback(settings, photo, classes[0])
+    post_feedback(settings, photo, classes[2])  # the same image corrected again: the last label wins
+    post_feedback(settings, other, classes[1])
     test_name, _ = read_split(base, "test")[0]
-    _post_feedback(settings, (base / "images" / test_name).read_bytes(), classes[3])  # would leak into the test score
+    post_feedback(settings, (base / "images" / test_name).read_bytes(), classes[3])  # would leak into the test score
     assert pending_count(settings) == 4
 
     staged = _stage_validate_publish(settings)
@@ -86,9 +56,9 @@ def test_export_builds_a_validated_version_with_the_corrections(live_settings):
 def test_the_next_export_builds_on_the_previous_version(live_settings):
     settings = live_settings
     classes = read_classes(settings.resolved_dataset_dir)
-    _post_feedback(settings, _photo(3), classes[0])
+    post_feedback(settings, photo_bytes(3), classes[0])
     first = _stage_validate_publish(settings)
-    _post_feedback(settings, _photo(4), classes[1])
+    post_feedback(settings, photo_bytes(4), classes[1])
     second = _stage_validate_publish(settings)
     assert second.parent_dir == first.target_dir
     assert len(read_split(second.target_dir, "train")) == len(read_split(first.target_dir, "train")) + 1

@@ -22,3 +22,21 @@ def test_dockerfile_copies_only_what_exists():
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
                 assert (REPO / source).exists(), source
+
+
+def test_bentofile_names_the_service_and_existing_files_and_the_locked_versions():
+    import tomllib
+
+    bentofile = yaml.safe_load((REPO / "bentos" / "bentofile.yaml").read_text())
+    module, _, service = bentofile["service"].partition(":")
+    assert f"class {service}" in (REPO / (module.replace(".", "/") + ".py")).read_text()
+    for pattern in bentofile["include"]:
+        assert list(REPO.glob(pattern)), pattern
+    locked = {p["name"]: p["version"] for p in tomllib.loads((REPO / "uv.lock").read_text())["package"]}
+    pinned = [line.split(";")[0].strip() for line in (REPO / bentofile["python"]["requirements_txt"]).read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert pinned, "no requirements exported"
+    for requirement in pinned:
+        name, _, version = requirement.partition("==")
+        assert locked.get(name.split("[")[0].lower().replace("_", "-")) == version, f"{requirement} differs from uv.lock"
+    assert {"bentoml", "mlflow", "torch", "apache-tvm"} <= {r.partition("==")[0] for r in pinned}

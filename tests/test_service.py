@@ -186,3 +186,12 @@ def test_a_promoted_version_is_served_without_restart(server):
     predicted = httpx.post(f"{server['base']}/predict", files={"image": ("bug.jpg", _jpeg(server["dataset"]), "image/jpeg")},
                            timeout=30).json()
     assert predicted["model"]["version"] == version
+
+
+def test_a_storage_outage_is_a_503_not_a_500():
+    from bentoml.exceptions import ServiceUnavailable
+
+    from bentos.service import storage_unavailable_as_503
+
+    with pytest.raises(ServiceUnavailable, match="retry later"), storage_unavailable_as_503():
+        raise sa.exc.OperationalError("INSERT", {}, Exception("connection refused"))

@@ -1,0 +1,48 @@
+"""A round of users against the running service, as `make demo` plays it: photograph insects
+(freshly drawn, never seen in training), ask /predict, and tell /feedback the right species
+for every answer (a correction where the model was wrong, a confirmation where it was right).
+
+    python scripts/feedback_round.py [--url http://127.0.0.1:3000] [--photos 12]
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import bentoml
+import numpy as np
+import typer
+
+from config import get_settings
+from ml.data.synthetic import render, species_plan
+
+
+def main(url: Annotated[str | None, typer.Option(help="service URL")] = None,
+         photos: Annotated[int, typer.Option(help="how many photos the users send")] = 12,
+         seed: Annotated[int, typer.Option(help="draws photos unlike the dataset's (seed 0)")] = 2026) -> None:
+    settings = get_settings()
+    url = url or f"http://127.0.0.1:{settings.serve.port}"
+    num_classes = settings.synthetic.num_classes
+    rng = np.random.default_rng(seed)
+    corrected = 0
+    with bentoml.SyncHTTPClient(url, timeout=120) as client, tempfile.TemporaryDirectory() as tmp:
+        classes = client.model()["classes"]
+        for i in range(photos):
+            truth = i % num_classes
+            photo = Path(tmp) / f"photo_{i}.jpg"
+            render(species_plan(truth, num_classes), settings.synthetic.image_size, rng).save(photo, quality=90)
+            answer = client.predict(image=photo)
+            receipt = client.feedback(prediction_id=answer["prediction_id"], corrected_label=classes[truth],
+                                      user_id=f"demo-user-{i % 3}")
+            wrong = answer["species"] != classes[truth]
+            corrected += wrong
+            typer.echo(f"photo {i:2d}: model v{answer['model']['version']} ({answer['model']['backend']}) said "
+                       f"{answer['species']!r} p={answer['probability']:.2f} -> feedback {receipt['feedback_id']} "
+                       f"{'CORRECTED to ' + repr(classes[truth]) if wrong else 'confirmed'}")
+    typer.echo(f"{photos} predictions, {corrected} corrected, {photos - corrected} confirmed")
+
+
+if __name__ == "__main__":
+    typer.run(main)
