@@ -58,6 +58,8 @@ class PruneConfig(BaseModel):
 
 
 class CompileConfig(BaseModel):
+    batch_sizes: list[int] = [1, 8]  # one tuned host-CPU library each; other batches run in chunks
+    tuning_trials: int = 192  # MetaSchedule trials per batch size, on matmuls and convolutions (0: untuned); records are reused
     cuda_archs: list[str] = ["sm_80", "sm_90"]  # cross-compiled whenever nvcc is on PATH
     max_abs_diff: float = 1e-3  # parity bound between TVM and eager logits
     min_top1_agreement: float = 0.999
@@ -148,6 +150,11 @@ class Settings(BaseSettings):
     def image_store_dir(self) -> Path:
         """Feedback images when no S3 bucket is configured."""
         return self.data_dir / "feedback" / "images"
+
+    @property
+    def tuning_dir(self) -> Path:
+        """MetaSchedule's tuning records, shared by every compile so retrains reuse them."""
+        return self.data_dir / "tuning"
 
     @property
     def work_dir(self) -> Path:

@@ -80,8 +80,10 @@ def retrain():
 
         settings = get_settings()
         with run(settings, ctx["run_id"]):
-            result = build(Path(model_path), Path(ctx["dataset_dir"]), settings.compile, settings.work_dir / ctx["run_id"] / "compile")
-        artifacts = {"exported": str(result.exported_path), "tvm_llvm": str(result.llvm_path),
+            result = build(Path(model_path), Path(ctx["dataset_dir"]), settings.compile,
+                           settings.work_dir / ctx["run_id"] / "compile", settings.tuning_dir)
+        artifacts = {"exported": str(result.exported_path),
+                     **{f"tvm_llvm_b{batch}": str(path) for batch, path in result.llvm_paths.items()},
                      **{f"tvm_cuda_{arch}": str(path) for arch, path in result.cuda_paths.items()}}
         return {"artifacts": artifacts, "tvm_llvm_target": result.llvm_target}
 

@@ -13,19 +13,28 @@ def host_target() -> dict:
     another CPU can die with an illegal instruction, so it is never named by hand)."""
     from tvm.target import codegen
 
-    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
+    return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())}  # a plain str: it goes into YAML and JSON
 
 
 class CompiledClassifier:
-    """A TVM-built library on the CPU: float32 NCHW images in [0, 1] -> logits."""
+    """TVM-built libraries on the CPU, one per static batch size: float32 NCHW images in [0, 1]
+    -> logits. Any batch runs as chunks of the built sizes, the last one zero-padded."""
 
-    def __init__(self, library: Path):
+    def __init__(self, libraries: dict[int, Path]):
         import tvm
         from tvm import relax
 
         self._tvm = tvm
-        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+        self._vms = {size: relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+                     for size, path in sorted(libraries.items())}
+
+    def _run(self, chunk: np.ndarray) -> np.ndarray:
+        size = next((s for s in self._vms if s >= len(chunk)), max(self._vms))
+        padded = np.zeros((size, *chunk.shape[1:]), np.float32)
+        padded[: len(chunk)] = chunk
+        outputs = self._vms[size]["main"](self._tvm.runtime.tensor(padded))
+        return outputs[0].numpy()[: len(chunk)]  # the exported program returns a one-element tuple
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        outputs = self._vm["main"](self._tvm.runtime.tensor(np.ascontiguousarray(batch, dtype=np.float32)))
-        return outputs[0].numpy()  # the exported program returns a one-element tuple
+        step = max(self._vms)
+        return np.concatenate([self._run(batch[i:i + step]) for i in range(0, len(batch), step)])

@@ -48,7 +48,7 @@ def register_model(name: str, artifacts: dict[str, Path], model_config: dict, ta
         name="classifier",
         python_model=SpeciesClassifierModel(),
         artifacts={key: str(path) for key, path in artifacts.items()},
-        model_config=model_config,
+        model_config={"backend": "auto", **model_config},  # MLflow only overrides logged keys at load time
         pip_requirements=[f"{p}=={package_version(p)}" for p in ("mlflow", "torch", "apache-tvm", "numpy")],
         registered_model_name=name,
     )

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 EAGER, TVM = "torch-eager", "tvm-llvm"
+TVM_KEY = "tvm_llvm_b"  # artifacts tvm_llvm_b1, tvm_llvm_b8, ...: one library per batch size
 
 
 def preprocess(image: Image.Image, size: int) -> np.ndarray:
@@ -29,7 +30,8 @@ class SpeciesClassifierModel(mlflow.pyfunc.PythonModel):
         if wanted != "eager" and self._tvm_fits(context):
             from ml.runtime import CompiledClassifier
 
-            self.backend, self._run = TVM, CompiledClassifier(context.artifacts["tvm_llvm"])
+            libraries = {int(key.removeprefix(TVM_KEY)): path for key, path in context.artifacts.items() if key.startswith(TVM_KEY)}
+            self.backend, self._run = TVM, CompiledClassifier(libraries)
         elif wanted == "tvm":
             raise RuntimeError("backend 'tvm' requested, but this version has no TVM library built for this CPU")
         else:
@@ -49,7 +51,7 @@ class SpeciesClassifierModel(mlflow.pyfunc.PythonModel):
         from ml.runtime import host_target
 
         built_for = context.model_config.get("tvm_llvm_target")
-        return "tvm_llvm" in context.artifacts and built_for == host_target()
+        return any(key.startswith(TVM_KEY) for key in context.artifacts) and built_for == host_target()
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         return self._run(np.asarray(model_input, dtype=np.float32))

@@ -29,6 +29,7 @@ TINY_ENV = {
     "INSECT_PRUNE__FINETUNE_EPOCHS": "1",
     "INSECT_PRUNE__MAX_TOP1_DROP": "1.0",  # an untrained tiny model has no accuracy to protect
     "INSECT_COMPILE__CUDA_ARCHS": '["sm_80"]',
+    "INSECT_COMPILE__TUNING_TRIALS": "0",  # tuning has its own test
 }
 
 

@@ -7,8 +7,9 @@ import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from ml.compile import export
+from ml.compile import build_static, export
 from ml.model import SpeciesClassifier, build_coca
+from ml.runtime import host_target
 from registry import (
     CHALLENGER,
     CHAMPION,
@@ -16,6 +17,7 @@ from registry import (
     gate,
     load_model,
     load_verified,
+    promote,
     register_model,
     rollback,
     sha256,
@@ -110,3 +112,19 @@ def test_rollback_returns_champion_to_the_previous_one(settings, artifacts):
     assert str(version_by_alias(name, CHAMPION).version) == "2"
     assert CliRunner().invoke(app, ["rollback"]).exit_code == 0
     assert str(version_by_alias(name, CHAMPION).version) == "1"
+
+
+def test_a_version_with_a_tvm_library_for_this_cpu_is_served_by_tvm(settings, artifacts, tmp_path):
+    model, files = artifacts
+    untuned = settings.compile.model_copy(update={"tuning_trials": 0})
+    files = {**files, "tvm_llvm_b1": build_static(model, 1, untuned, tmp_path / "tuning", tmp_path / "b1.so")}
+    with run(settings):
+        register_model(settings.registered_model_name, files,
+                       {"classes": CLASSES, "image_size": 64, "tvm_llvm_target": host_target()}, tags={})
+    promote(settings.registered_model_name, "1")
+    served = load_verified(settings.registered_model_name)
+    assert served.backend == "tvm-llvm"
+    batch = np.random.default_rng(2).random((3, 3, 64, 64), dtype=np.float32)  # 3 images through the batch-1 library
+    with torch.inference_mode():
+        assert np.abs(served.predict(batch) - model(torch.from_numpy(batch)).numpy()).max() < 1e-4
+    assert load_verified(settings.registered_model_name, backend="eager").backend == "torch-eager"

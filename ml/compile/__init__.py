@@ -6,6 +6,7 @@ PyTorch on validation images. CUDA builds are cross-compiled whenever nvcc is on
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from config import CompileConfig
 from ml.evaluate import collect_logits, torch_predict_fn
@@ -26,25 +28,45 @@ class ParityError(RuntimeError):
 @dataclass(frozen=True)
 class CompileResult:
     exported_path: Path  # torch.export program: the eager model, loadable without our classes
-    llvm_path: Path
+    llvm_paths: dict[int, Path]  # batch size -> tuned host-CPU library
     llvm_target: dict
     cuda_paths: dict[str, Path] = field(default_factory=dict)  # arch -> library
     max_abs_diff: float = 0.0
     top1_agreement: float = 1.0
 
 
-def export(model: torch.nn.Module) -> torch.export.ExportedProgram:
-    """Trace with a symbolic batch dimension, so one artifact serves any batch size."""
+def export(model: torch.nn.Module, batch: int | None = None) -> torch.export.ExportedProgram:
+    """Trace at a fixed batch size (what MetaSchedule tunes), or with a symbolic one so a single
+    artifact serves any batch size."""
     size = model.image_size
-    example = torch.rand(2, 3, size, size)
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    return torch.export.export(model.eval(), (example,), dynamic_shapes={"images": {0: batch}})
+    if batch is not None:
+        return torch.export.export(model.eval(), (torch.rand(batch, 3, size, size),))
+    dim = torch.export.Dim("batch", min=1, max=1024)
+    return torch.export.export(model.eval(), (torch.rand(2, 3, size, size),), dynamic_shapes={"images": {0: dim}})
 
 
 def to_relax(program: torch.export.ExportedProgram):
     from tvm.relax.frontend.torch import from_exported_program
 
     return from_exported_program(program, keep_params_as_input=False)
+
+
+def build_static(model: torch.nn.Module, batch: int, cfg: CompileConfig, tuning_dir: Path, out_path: Path) -> Path:
+    """A host-CPU library for one batch size, with MetaSchedule-tuned kernels."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from ml.compile.tuning import tune
+
+    target = tvm.target.Target({**host_target(), "num-cores": os.cpu_count()})
+    mod = to_relax(export(model, batch))
+    with target:
+        fused = relax.get_pipeline("zero")(mod)  # the kernels, as tasks are extracted from them
+    database = tune(fused, target, cfg.tuning_trials, tuning_dir, workers=os.cpu_count())
+    # compile_relax runs the same fusion itself: given the fused module, no record would match.
+    ms.relax_integration.compile_relax(database, mod, target, None).export_library(str(out_path))
+    return out_path
 
 
 def build(mod, target: dict):
@@ -84,8 +106,9 @@ def check_parity(model: torch.nn.Module, compiled, dataset_dir: Path, cfg: Compi
     return max_diff, agreement
 
 
-def compile_model(model_path: Path, dataset_dir: Path, cfg: CompileConfig, out_dir: Path) -> CompileResult:
-    """Export, build for the host CPU (and CUDA archs when nvcc exists), check parity, log metrics."""
+def compile_model(model_path: Path, dataset_dir: Path, cfg: CompileConfig, out_dir: Path, tuning_dir: Path) -> CompileResult:
+    """Export; build tuned host-CPU libraries per batch size (and CUDA archs when nvcc exists);
+    check parity; log metrics and the tuning records to MLflow."""
     from ml.prune import load_model
 
     model = load_model(model_path).eval()
@@ -93,11 +116,10 @@ def compile_model(model_path: Path, dataset_dir: Path, cfg: CompileConfig, out_d
     program = export(model)
     exported_path = out_dir / "model.pt2"
     torch.export.save(program, exported_path)
+    llvm_paths = {batch: build_static(model, batch, cfg, tuning_dir, out_dir / f"model_llvm_b{batch}.so")
+                  for batch in tqdm(cfg.batch_sizes, desc="tuning + building for the CPU", unit="batch size")}
+    max_diff, agreement = check_parity(model, CompiledClassifier(llvm_paths), dataset_dir, cfg)
     mod = to_relax(program)
-    target = host_target()
-    llvm_path = out_dir / "model_llvm.so"
-    build(mod, target).export_library(str(llvm_path))
-    max_diff, agreement = check_parity(model, CompiledClassifier(llvm_path), dataset_dir, cfg)
     cuda_paths = {}
     if shutil.which("nvcc"):
         for arch in cfg.cuda_archs:
@@ -105,6 +127,11 @@ def compile_model(model_path: Path, dataset_dir: Path, cfg: CompileConfig, out_d
             cuda_kernel_source(executable.mod)  # fails loudly if no kernels were generated
             cuda_paths[arch] = out_dir / f"model_cuda_{arch}.so"
             executable.export_library(str(cuda_paths[arch]))
-    mlflow.log_params({"compile.llvm_mcpu": target["mcpu"], "compile.cuda_archs": ",".join(cuda_paths) or "none"})
+    target = host_target()
+    mlflow.log_params({"compile.llvm_mcpu": target["mcpu"], "compile.cuda_archs": ",".join(cuda_paths) or "none",
+                       "compile.batch_sizes": ",".join(map(str, cfg.batch_sizes)), "compile.tuning_trials": cfg.tuning_trials})
     mlflow.log_metrics({"tvm_max_abs_diff": max_diff, "tvm_top1_agreement": agreement})
-    return CompileResult(exported_path, llvm_path, target, cuda_paths, max_diff, agreement)
+    for name in ("database_workload.json", "database_tuning_record.json", "tuned_modules.json"):
+        if (tuning_dir / name).exists():
+            mlflow.log_artifact(str(tuning_dir / name), "tuning")
+    return CompileResult(exported_path, llvm_paths, target, cuda_paths, max_diff, agreement)

@@ -1,0 +1,1 @@
+"""Inference benchmarks: eager PyTorch, torch.compile, ONNX Runtime and TVM, pruned and unpruned."""

@@ -1,0 +1,71 @@
+"""`python -m benchmarks`: every way to run the classifier, side by side in one process.
+
+For the unpruned and the pruned model of the newest retraining run (or --run-dir), at each
+batch size: eager PyTorch, torch.compile, ONNX Runtime and the tuned TVM library; median and p99
+latency, throughput, peak memory and GFLOP/s against this CPU's measured matmul peak; test-split
+accuracy of both models. Writes benchmarks/REPORT.md and benchmarks/latency.png.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+
+from benchmarks.measure import Timing, matmul_peak_gflops, peak_rss_during, time_calls
+from benchmarks.report import write_report
+from benchmarks.runtimes import RUNTIMES
+from config import get_settings
+from ml.data.versions import current_dataset
+from ml.evaluate import evaluate, torch_predict_fn
+from ml.prune import count_macs, load_model
+
+HERE = Path(__file__).parent
+
+
+def newest_run_dir(work_dir: Path) -> Path:
+    runs = [p.parent.parent for p in work_dir.glob("*/prune/pruned.pt")]
+    if not runs:
+        raise typer.BadParameter(f"no retraining run under {work_dir}: run `make demo` first, or pass --run-dir")
+    return max(runs, key=lambda p: (p / "prune" / "pruned.pt").stat().st_mtime)
+
+
+def main(run_dir: Annotated[Path | None, typer.Option(help="a retraining run's work dir (train/, prune/)")] = None,
+         batches: Annotated[list[int], typer.Option("--batch", help="batch sizes")] = [1, 8],  # noqa: B006
+         iterations: Annotated[int, typer.Option(help="timed calls per measurement")] = 200,
+         out: Annotated[Path, typer.Option(help="where the report and plot go")] = HERE) -> None:
+    settings = get_settings()
+    run_dir = run_dir or newest_run_dir(settings.work_dir)
+    models = {"unpruned": load_model(run_dir / "train" / "classifier.pt").eval(),
+              "pruned": load_model(run_dir / "prune" / "pruned.pt").eval()}
+    dataset = current_dataset(settings)
+    typer.echo(f"models from {run_dir}; {torch.get_num_threads()} threads")
+    quality = {name: {**evaluate(torch_predict_fn(m), dataset, m.classes, m.image_size),
+                      "macs": count_macs(m)[0], "params": count_macs(m)[1]} for name, m in models.items()}
+    peak = matmul_peak_gflops()
+    timings: list[Timing] = []
+    scratch = settings.work_dir / "benchmarks"
+    for name, model in models.items():
+        for batch in batches:
+            x = np.random.default_rng(0).random((batch, 3, model.image_size, model.image_size), dtype=np.float32)
+            reference = torch_predict_fn(model)(x)
+            for runtime, prepare in RUNTIMES.items():
+                started = time.perf_counter()
+                with peak_rss_during() as memory:
+                    run = prepare(model, batch, scratch / name)
+                    max_diff = float(np.abs(run(x) - reference).max())
+                    seconds = time_calls(run, x, iterations)
+                timing = Timing(name, runtime, batch, seconds, memory.peak_mib, quality[name]["macs"] * 2 * batch / 1e9,
+                                max_diff, time.perf_counter() - started)
+                typer.echo(timing.line())
+                timings.append(timing)
+    write_report(out, timings, quality, peak, run_dir)
+    typer.echo(f"report: {out / 'REPORT.md'}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,80 @@
+"""The benchmark report: a Markdown table and a latency plot, written into the repository."""
+
+from __future__ import annotations
+
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import psutil
+import torch
+
+from benchmarks.measure import Timing
+
+
+def _speedups(timings: list[Timing]) -> dict[tuple[str, int, str], float]:
+    eager = {(t.model, t.batch): t.median_ms for t in timings if t.runtime == "eager"}
+    return {(t.model, t.batch, t.runtime): eager[(t.model, t.batch)] / t.median_ms for t in timings}
+
+
+def write_report(out: Path, timings: list[Timing], quality: dict[str, dict], peak_gflops: float, run_dir: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _plot(out / "latency.png", timings)
+    speedup = _speedups(timings)
+    before, after = quality["unpruned"], quality["pruned"]
+    lines = [
+        "# Inference benchmark",
+        "",
+        (f"`python -m benchmarks` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {platform.processor() or platform.machine()}, "
+        f"{psutil.cpu_count()} logical cores, {torch.get_num_threads()} torch threads, no GPU. Models from `{run_dir}`."),
+        "",
+        "## Pruning",
+        "",
+        "| model | MACs/image | params | test top-1 | test top-5 | macro-F1 |",
+        "|---|---|---|---|---|---|",
+        *(f"| {name} | {q['macs'] / 1e6:.1f} M | {q['params'] / 1e6:.2f} M | {q['top1']:.3f} | {q['top5']:.3f} | {q['macro_f1']:.3f} |"
+          for name, q in quality.items()),
+        "",
+        (f"FLOPs: **{1 - after['macs'] / before['macs']:.1%} fewer**; test top-1 "
+        f"{'lost' if after['top1'] < before['top1'] else 'gained'} **{abs(before['top1'] - after['top1']) * 100:.1f} points**."),
+        "",
+        "## Latency, throughput, memory",
+        "",
+        (f"GFLOP/s counts 2 FLOPs per MAC; this CPU's measured fp32 peak (2048² matmul through PyTorch's BLAS) is "
+        f"**{peak_gflops:.0f} GFLOP/s**. Memory is the peak resident memory added while a runtime was prepared and timed "
+        "(one process: what earlier runtimes left resident is not counted again). `diff` is the max abs logit "
+        "difference from eager on the same input."),
+        "",
+        "| model | batch | runtime | median ms | p99 ms | images/s | vs eager | GFLOP/s | % of peak | +MiB | diff | setup s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *(f"| {t.model} | {t.batch} | {t.runtime} | {t.median_ms:.3f} | {t.p99_ms:.3f} | {t.images_per_s:.0f} | "
+          f"{speedup[(t.model, t.batch, t.runtime)]:.2f}× | {t.gflops:.1f} | {t.gflops / peak_gflops:.1%} | {t.peak_mib:.0f} | "
+          f"{t.max_abs_diff:.1e} | {t.setup_s:.0f} |" for t in timings),
+        "",
+        "![latency](latency.png)",
+        "",
+    ]
+    (out / "REPORT.md").write_text("\n".join(lines))
+
+
+def _plot(path: Path, timings: list[Timing]) -> None:
+    groups = sorted({(t.model, t.batch) for t in timings}, key=lambda g: (g[1], g[0] != "unpruned"))
+    runtimes = list(dict.fromkeys(t.runtime for t in timings))
+    by_key = {(t.model, t.batch, t.runtime): t for t in timings}
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(runtimes)
+    for i, runtime in enumerate(runtimes):
+        medians = [by_key[(m, b, runtime)].median_ms / b for m, b in groups]
+        ax.bar([g + i * width for g in range(len(groups))], medians, width, label=runtime)
+    ax.set_xticks([g + width * (len(runtimes) - 1) / 2 for g in range(len(groups))],
+                  [f"{m}\nbatch {b}" for m, b in groups])
+    ax.set_ylabel("median ms per image (lower is better)")
+    ax.set_title("Insect classifier inference on this CPU")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,54 @@
+"""The ways to run the classifier on this machine's CPU, each as `prepare(model, batch) -> run(x)`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+Run = Callable[[np.ndarray], np.ndarray]
+
+
+def eager(model: torch.nn.Module, batch: int, work_dir: Path) -> Run:
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def torch_compile(model: torch.nn.Module, batch: int, work_dir: Path) -> Run:
+    compiled = torch.compile(model, dynamic=False)
+    return eager(compiled, batch, work_dir)
+
+
+def onnx_runtime(model: torch.nn.Module, batch: int, work_dir: Path) -> Run:
+    import onnxruntime as ort
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / f"model_b{batch}.onnx"
+    example = torch.rand(batch, 3, model.image_size, model.image_size)
+    torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["images"], output_names=["logits"])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"images": x})[0]
+
+
+def tvm_tuned(model: torch.nn.Module, batch: int, work_dir: Path) -> Run:
+    """The retraining DAG's compile step: MetaSchedule with the configured budget, records shared
+    with the DAG's (a model the DAG compiled is not tuned again)."""
+    from config import get_settings
+    from ml.compile import build_static
+    from ml.runtime import CompiledClassifier
+
+    settings = get_settings()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    library = build_static(model, batch, settings.compile, settings.tuning_dir, work_dir / f"model_llvm_b{batch}.so")
+    return CompiledClassifier({batch: library})
+
+
+RUNTIMES = {"eager": eager, "torch.compile": torch_compile, "onnxruntime": onnx_runtime, "tvm": tvm_tuned}

@@ -1,0 +1,33 @@
+"""The benchmark's measurements and report (the full run is `python -m benchmarks`)."""
+
+import numpy as np
+
+from benchmarks.measure import Timing, peak_rss_during, time_calls
+from benchmarks.report import write_report
+
+
+def test_time_calls_times_every_call_after_warmup():
+    calls = []
+    seconds = time_calls(lambda x: calls.append(x) or x, np.zeros(1), iterations=7, warmup=3)
+    assert len(calls) == 10 and seconds.shape == (7,) and (seconds > 0).all()
+
+
+def test_peak_rss_sees_a_large_allocation():
+    with peak_rss_during() as memory:
+        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+        del block
+    assert memory.peak_mib > 40
+
+
+def test_report_tables_speedups_against_eager_and_draws_the_plot(tmp_path):
+    def timing(model, runtime, ms):
+        return Timing(model, runtime, 1, np.full(10, ms / 1e3), 1.0, 0.26, 0.0, 1.0)
+
+    timings = [timing(m, r, ms) for m in ("unpruned", "pruned") for r, ms in (("eager", 4.0), ("tvm", 2.0))]
+    quality = {"unpruned": {"macs": 100e6, "params": 2e6, "top1": 0.90, "top5": 1.0, "macro_f1": 0.9},
+               "pruned": {"macs": 60e6, "params": 1e6, "top1": 0.89, "top5": 1.0, "macro_f1": 0.88}}
+    write_report(tmp_path, timings, quality, peak_gflops=300.0, run_dir=tmp_path)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "**40.0% fewer**" in report and "lost **1.0 points**" in report
+    assert "| unpruned | 1 | tvm | 2.000 | 2.000 | 500 | 2.00× |" in report
+    assert (tmp_path / "latency.png").stat().st_size > 0
