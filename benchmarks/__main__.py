@@ -45,7 +45,7 @@ def main(run_dir: Annotated[Path | None, typer.Option(help="a retraining run's w
     dataset = current_dataset(settings)
     typer.echo(f"models from {run_dir}; {torch.get_num_threads()} threads")
     quality = {name: {**evaluate(torch_predict_fn(m), dataset, m.classes, m.image_size),
-                      "macs": count_macs(m)[0], "params": count_macs(m)[1]} for name, m in models.items()}
+                      **dict(zip(("macs", "params"), count_macs(m), strict=True))} for name, m in models.items()}
     peak = matmul_peak_gflops()
     timings: list[Timing] = []
     scratch = settings.work_dir / "benchmarks"

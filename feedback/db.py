@@ -114,6 +114,11 @@ def record_feedback(db: sa.Engine, *, image_sha256: str, image_key: str, predict
         ).returning(feedback.c.id)).scalar_one()
 
 
+def pending_count(db: sa.Engine) -> int:
+    with db.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(feedback).where(feedback.c.export_id.is_(None))).scalar_one()
+
+
 def pending_feedback(db: sa.Engine) -> list[sa.Row]:
     """Feedback no dataset version has consumed yet, oldest first."""
     with db.connect() as conn:
