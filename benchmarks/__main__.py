@@ -22,7 +22,7 @@ from benchmarks.runtimes import RUNTIMES
 from config import get_settings
 from ml.data.versions import current_dataset
 from ml.evaluate import evaluate, torch_predict_fn
-from ml.prune import count_macs, load_model
+from ml.prune import count_flops, load_model
 
 HERE = Path(__file__).parent
 
@@ -45,7 +45,7 @@ def main(run_dir: Annotated[Path | None, typer.Option(help="a retraining run's w
     dataset = current_dataset(settings)
     typer.echo(f"models from {run_dir}; {torch.get_num_threads()} threads")
     quality = {name: {**evaluate(torch_predict_fn(m), dataset, m.classes, m.image_size),
-                      **dict(zip(("macs", "params"), count_macs(m), strict=True))} for name, m in models.items()}
+                      **dict(zip(("flops", "params"), count_flops(m), strict=True))} for name, m in models.items()}
     peak = matmul_peak_gflops()
     timings: list[Timing] = []
     scratch = settings.work_dir / "benchmarks"
@@ -59,7 +59,7 @@ def main(run_dir: Annotated[Path | None, typer.Option(help="a retraining run's w
                     run = prepare(model, batch, scratch / name)
                     max_diff = float(np.abs(run(x) - reference).max())
                     seconds = time_calls(run, x, iterations)
-                timing = Timing(name, runtime, batch, seconds, memory.peak_mib, quality[name]["macs"] * 2 * batch / 1e9,
+                timing = Timing(name, runtime, batch, seconds, memory.peak_mib, quality[name]["flops"] * batch / 1e9,
                                 max_diff, time.perf_counter() - started)
                 typer.echo(timing.line())
                 timings.append(timing)

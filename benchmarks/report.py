@@ -34,17 +34,17 @@ def write_report(out: Path, timings: list[Timing], quality: dict[str, dict], pea
         "",
         "## Pruning",
         "",
-        "| model | MACs/image | params | test top-1 | test top-5 | macro-F1 |",
+        "| model | FLOPs/image | params | test top-1 | test top-5 | macro-F1 |",
         "|---|---|---|---|---|---|",
-        *(f"| {name} | {q['macs'] / 1e6:.1f} M | {q['params'] / 1e6:.2f} M | {q['top1']:.3f} | {q['top5']:.3f} | {q['macro_f1']:.3f} |"
+        *(f"| {name} | {q['flops'] / 1e6:.1f} M | {q['params'] / 1e6:.2f} M | {q['top1']:.3f} | {q['top5']:.3f} | {q['macro_f1']:.3f} |"
           for name, q in quality.items()),
         "",
-        (f"FLOPs: **{1 - after['macs'] / before['macs']:.1%} fewer**; test top-1 "
+        (f"FLOPs: **{1 - after['flops'] / before['flops']:.1%} fewer**; test top-1 "
         f"{'lost' if after['top1'] < before['top1'] else 'gained'} **{abs(before['top1'] - after['top1']) * 100:.1f} points**."),
         "",
         "## Latency, throughput, memory",
         "",
-        (f"GFLOP/s counts 2 FLOPs per MAC; this CPU's measured fp32 peak (2048² matmul through PyTorch's BLAS) is "
+        (f"FLOPs count 2 per multiply-add (torch's FLOP counter: matmuls, convolution, attention); this CPU's measured fp32 peak (2048² matmul through PyTorch's BLAS) is "
         f"**{peak_gflops:.0f} GFLOP/s**. Memory is the peak resident memory added while a runtime was prepared and timed "
         "(one process: what earlier runtimes left resident is not counted again). `diff` is the max abs logit "
         "difference from eager on the same input."),

@@ -52,8 +52,10 @@ class TrainConfig(BaseModel):
 
 
 class PruneConfig(BaseModel):
-    ratio: float = 0.3  # fraction of MLP channels removed per block
-    finetune_epochs: int = 3
+    mlp_ratio: float = 0.5  # fraction of each ViT block's MLP hidden channels removed
+    head_ratio: float = 0.33  # fraction of each block's attention heads removed, rounded up (3 heads: one)
+    importance: Literal["magnitude", "taylor"] = "magnitude"  # L2 norm of weights, or |weight x gradient|
+    finetune_epochs: int = 8  # recovery fine-tune, distilled from the unpruned model (early-stopped)
     max_top1_drop: float = 0.05  # the step fails when pruning costs more val top-1 than this
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from ml.compile import ParityError, build, build_static, check_parity, cuda_kernel_source, export, to_relax
-from ml.model import SpeciesClassifier, build_coca
-from ml.prune import count_macs, prune_mlp_channels
+from ml.model import SelfAttention, SpeciesClassifier, build_coca
+from ml.prune import count_flops, make_heads_prunable, prune_structure
 from ml.runtime import CompiledClassifier
+from ml.train import distillation_loss
 
 
 @pytest.fixture(scope="module")
@@ -17,15 +18,44 @@ def tiny_model():
     return SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), ["a", "b", "c", "d"]).eval()
 
 
-def test_pruning_removes_mlp_channels_and_keeps_the_model_working(tiny_model):
+def test_head_prunable_attention_computes_what_multihead_attention_did(tiny_model):
     model = copy.deepcopy(tiny_model)
-    macs_before, params_before = count_macs(model)
-    prune_mlp_channels(model, 0.5)
-    macs_after, params_after = count_macs(model)
-    hidden = {block.mlp.c_fc.out_features for block in model.visual.transformer.resblocks}
-    assert hidden == {384}  # 768 * 0.5
-    assert macs_after < 0.75 * macs_before and params_after < params_before
+    images = torch.rand(3, 3, 64, 64)
+    with torch.inference_mode():
+        before = model(images)
+        make_heads_prunable(model)
+        after = model(images)
+    assert all(isinstance(block.attn, SelfAttention) for block in model.visual.transformer.resblocks)
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_pruning_removes_mlp_channels_and_heads_and_keeps_the_model_working(tiny_model, tiny_dataset, settings, importance):
+    model = copy.deepcopy(tiny_model)
+    flops_before, params_before = count_flops(model)
+    prune_structure(model, settings.prune.model_copy(update={"importance": importance}), tiny_dataset)
+    flops_after, params_after = count_flops(model)
+    blocks = model.visual.transformer.resblocks
+    assert {block.mlp.c_fc.out_features for block in blocks} == {384}  # 768 * 0.5
+    assert {(block.attn.num_heads, block.attn.qkv.out_features, block.attn.proj.in_features) for block in blocks} == {(2, 384, 128)}
+    assert flops_after < 0.6 * flops_before and params_after < params_before
     assert model(torch.rand(2, 3, 64, 64)).shape == (2, 4)
+    assert all(p.grad is None for p in model.parameters())  # Taylor's gradients are not left behind
+
+
+def test_distillation_loss_is_zero_only_when_the_student_matches_the_teacher():
+    teacher = torch.tensor([[2.0, 0.0, -1.0]])
+    assert distillation_loss(teacher.clone(), teacher).item() == pytest.approx(0.0, abs=1e-7)
+    assert distillation_loss(torch.tensor([[0.0, 2.0, -1.0]]), teacher).item() > 0.1
+
+
+def test_pruned_model_compiles_and_matches_eager(tiny_model, tiny_dataset, tmp_path, settings):
+    model = copy.deepcopy(tiny_model)
+    prune_structure(model, settings.prune, tiny_dataset)
+    untuned = settings.compile.model_copy(update={"tuning_trials": 0})
+    compiled = CompiledClassifier({1: build_static(model.eval(), 1, untuned, tmp_path / "tuning", tmp_path / "b1.so")})
+    max_diff, agreement = check_parity(model, compiled, tiny_dataset, settings.compile)
+    assert max_diff < 1e-4 and agreement == 1.0
 
 
 def test_tvm_llvm_build_matches_eager(tiny_model, tiny_dataset, tmp_path, settings):

@@ -10,6 +10,7 @@ import open_clip
 import torch
 from open_clip.coca_model import CoCa
 from torch import nn
+from torch.nn import functional as F
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -78,3 +79,31 @@ class SpeciesClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.visual((images - self.mean) / self.std))
+
+
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention's self-attention rebuilt from its weights as separate qkv and output
+    projections. Same function, but the heads' total width is free of the model width, so
+    structured pruning can remove whole heads (nn.MultiheadAttention ties them together)."""
+
+    def __init__(self, attention: nn.MultiheadAttention):
+        super().__init__()
+        width = attention.embed_dim
+        self.num_heads = attention.num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        with torch.no_grad():
+            self.qkv.weight.copy_(attention.in_proj_weight)
+            self.qkv.bias.copy_(attention.in_proj_bias)
+            self.proj.weight.copy_(attention.out_proj.weight)
+            self.proj.bias.copy_(attention.out_proj.bias)
+
+    def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None):
+        """nn.MultiheadAttention's call, as open_clip's blocks make it (self-attention: key and
+        value are the query)."""
+        if key is not None and key is not query or value is not None and value is not query:
+            raise ValueError("SelfAttention attends a sequence to itself: key and value must be the query")
+        batch, tokens, _ = query.shape
+        q, k, v = self.qkv(query).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(heads.transpose(1, 2).reshape(batch, tokens, -1)), None

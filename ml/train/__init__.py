@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -152,20 +153,35 @@ def pretrain_coca(settings: Settings, dataset_dir: Path, checkpoint_dir: Path):
     return coca
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """Hinton et al.'s soft-target loss: KL divergence between temperature-softened outputs,
+    scaled by T² so its gradients keep the size of the hard-label loss's."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1), F.log_softmax(teacher_logits / temperature, dim=1),
+                    log_target=True, reduction="batchmean") * temperature**2
+
+
 def finetune_classifier(model: SpeciesClassifier, dataset_dir: Path, cfg: TrainConfig, *, epochs: int, stage: str,
-                        checkpoint_dir: Path) -> tuple[float, int]:
-    """Cross-entropy fine-tuning on the species labels, early-stopped on validation top-1."""
+                        checkpoint_dir: Path, teacher: torch.nn.Module | None = None) -> tuple[float, int]:
+    """Cross-entropy fine-tuning on the species labels (plus distillation from `teacher` when
+    given), early-stopped on validation top-1."""
     train_set = IP102Dataset(dataset_dir, "train", train_transform(model.image_size))
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
     def loss_fn(engine, batch):
         images, labels = batch
-        return criterion(engine(images), labels)
+        logits = engine(images)
+        if teacher is None:
+            return criterion(logits, labels)
+        with torch.no_grad():
+            soft_targets = teacher(images)
+        return criterion(logits, labels) + distillation_loss(logits, soft_targets)
 
     def score_fn(module) -> float:
         logits, labels = collect_logits(torch_predict_fn(module), dataset_dir, "val", module.image_size)
-        return classification_metrics(logits, labels)["top1"]
+        loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+        # a small val split ties often on top-1; ties go to the lower loss
+        return classification_metrics(logits, labels)["top1"] - 1e-3 * loss
 
     return fit(model, loader, loss_fn, score_fn, cfg=cfg, epochs=epochs, stage=stage, checkpoint_dir=checkpoint_dir)
 
@@ -193,8 +209,9 @@ def train(settings: Settings, dataset_dir: Path, out_dir: Path) -> TrainResult:
     return TrainResult(model_path, val_top1, epochs)
 
 
-def recovery_finetune(model: SpeciesClassifier, dataset_dir: Path, settings: Settings, cfg: PruneConfig, out_dir: Path) -> float:
-    """A short fine-tune after pruning; returns the recovered validation top-1."""
-    top1, _ = finetune_classifier(model, dataset_dir, settings.train.model_copy(update={"lr": settings.train.lr / 3}),
-                                  epochs=cfg.finetune_epochs, stage="prune_finetune", checkpoint_dir=out_dir / "checkpoints")
-    return top1
+def recovery_finetune(model: SpeciesClassifier, teacher: torch.nn.Module, dataset_dir: Path, settings: Settings,
+                      cfg: PruneConfig, out_dir: Path) -> None:
+    """A short fine-tune after pruning, distilled from the unpruned `teacher`."""
+    finetune_classifier(model, dataset_dir, settings.train.model_copy(update={"lr": settings.train.lr / 3}),
+                        epochs=cfg.finetune_epochs, stage="prune_finetune", checkpoint_dir=out_dir / "checkpoints",
+                        teacher=teacher)
