@@ -56,6 +56,17 @@ def time_calls(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, iteration
     return seconds
 
 
+def time_interleaved(runs: dict[str, Callable[[np.ndarray], np.ndarray]], x: np.ndarray, iterations: int,
+                     rounds: int = 10) -> dict[str, np.ndarray]:
+    """Per-call seconds of each run, timed in `rounds` alternating blocks: a noisy neighbour on
+    a shared machine slows every runtime alike instead of whichever happened to be running."""
+    blocks: dict[str, list[np.ndarray]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            blocks[name].append(time_calls(run, x, max(1, iterations // rounds), warmup=2))
+    return {name: np.concatenate(times) for name, times in blocks.items()}
+
+
 class _PeakRss:
     peak_mib = 0.0
 

@@ -30,7 +30,11 @@ def write_report(out: Path, timings: list[Timing], quality: dict[str, dict], pea
         "# Inference benchmark",
         "",
         (f"`python -m benchmarks` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {platform.processor() or platform.machine()}, "
-        f"{psutil.cpu_count()} logical cores, {torch.get_num_threads()} torch threads, no GPU. Models from `{run_dir}`."),
+        f"{psutil.cpu_count()} logical cores, {torch.get_num_threads()} torch threads. Models from `{run_dir}`."),
+        "",
+        ("All runtimes run on the CPU. The CUDA libraries the compile step cross-compiles for sm_80 and sm_90 are checked "
+         "for their kernels by `tests/test_prune_compile.py`; their parity and latency on a GPU are not measured here"
+         f"{'' if torch.cuda.is_available() else ' (this machine has no GPU)'}."),
         "",
         "## Pruning",
         "",

@@ -39,16 +39,16 @@ def onnx_runtime(model: torch.nn.Module, batch: int, work_dir: Path) -> Run:
 
 
 def tvm_tuned(model: torch.nn.Module, batch: int, work_dir: Path) -> Run:
-    """The retraining DAG's compile step: MetaSchedule with the configured budget, records shared
-    with the DAG's (a model the DAG compiled is not tuned again)."""
+    """The retraining DAG's compile step, run as the service runs it: a library per configured
+    batch size (records shared with the DAG's), larger batches in chunks of the largest."""
     from config import get_settings
     from ml.compile import build_static
     from ml.runtime import CompiledClassifier
 
     settings = get_settings()
     work_dir.mkdir(parents=True, exist_ok=True)
-    library = build_static(model, batch, settings.compile, settings.tuning_dir, work_dir / f"model_llvm_b{batch}.so")
-    return CompiledClassifier({batch: library})
+    return CompiledClassifier({size: build_static(model, size, settings.compile, settings.tuning_dir, work_dir / f"model_llvm_b{size}.so")
+                               for size in settings.compile.batch_sizes})
 
 
 RUNTIMES = {"eager": eager, "torch.compile": torch_compile, "onnxruntime": onnx_runtime, "tvm": tvm_tuned}

@@ -6,9 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
 eval "$(python -m config airflow-env)"
-# MetaSchedule tuning costs about 6 minutes per batch size on 2 cores, more than the demo's
-# 10-minute budget; the demo builds untuned TVM libraries unless asked (records are reused later).
-export INSECT_COMPILE__TUNING_TRIALS=${INSECT_COMPILE__TUNING_TRIALS:-0}
 logs=$(python -c "from config import get_settings; print(get_settings().data_dir / 'logs')")
 port=$(python -c "from config import get_settings; print(get_settings().serve.port)")
 mkdir -p "$logs"

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from benchmarks.measure import Timing, peak_rss_during, time_calls
+from benchmarks.measure import Timing, peak_rss_during, time_calls, time_interleaved
 from benchmarks.report import write_report
 
 
@@ -31,3 +31,11 @@ def test_report_tables_speedups_against_eager_and_draws_the_plot(tmp_path):
     assert "**40.0% fewer**" in report and "lost **1.0 points**" in report
     assert "| unpruned | 1 | tvm | 2.000 | 2.000 | 500 | 2.00× |" in report
     assert (tmp_path / "latency.png").stat().st_size > 0
+
+
+def test_interleaved_timing_alternates_between_runtimes():
+    calls = []
+    runs = {name: (lambda x, name=name: calls.append(name)) for name in ("a", "b")}
+    seconds = time_interleaved(runs, np.zeros(1), iterations=20, rounds=5)
+    assert {name: len(times) for name, times in seconds.items()} == {"a": 20, "b": 20}
+    assert calls[:6] == ["a"] * 6 and calls[6:12] == ["b"] * 6 and calls[12:18] == ["a"] * 6  # 2 warm-up + 4 timed per block

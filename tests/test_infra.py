@@ -24,6 +24,13 @@ def test_dockerfile_copies_only_what_exists():
                 assert (REPO / source).exists(), source
 
 
+def test_image_holds_everything_make_demo_runs():
+    copied = {line.split()[1] for line in (REPO / "infra" / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")}
+    code = {p.name for p in REPO.iterdir() if p.is_dir() and any(p.glob("*.py")) and p.name not in {"tests", "benchmarks"}}
+    assert code <= copied, f"not in the image: {code - copied}"
+    assert "scripts" in copied  # make demo runs scripts/demo.sh
+
+
 def test_bentofile_names_the_service_and_existing_files_and_the_locked_versions():
     import tomllib
 

@@ -4,8 +4,21 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from tvm.s_tir import meta_schedule as ms
 
-from ml.compile import ParityError, build, build_static, check_parity, cuda_kernel_source, export, to_relax
+from config import CompileConfig, ModelConfig, PruneConfig, SyntheticDataConfig
+from ml.compile import (
+    ParityError,
+    build,
+    build_static,
+    check_parity,
+    cuda_kernel_source,
+    export,
+    fused_kernels,
+    host_tvm_target,
+    to_relax,
+)
+from ml.compile.tuning import SHIPPED_RECORDS, new_tasks
 from ml.model import SelfAttention, SpeciesClassifier, build_coca
 from ml.prune import count_flops, make_heads_prunable, prune_structure
 from ml.runtime import CompiledClassifier
@@ -83,6 +96,19 @@ def test_tuning_records_are_kept_and_reused_for_the_same_shapes(tiny_model, tmp_
     retrained = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), ["a", "b", "c", "d"]).eval()
     build_static(retrained, 1, cfg, tuning, tmp_path / "again.so")
     assert (tuning / "database_tuning_record.json").read_text() == records  # nothing tuned the second time
+
+
+def test_shipped_records_cover_every_kernel_of_the_default_pruned_model():
+    """Fails when the default model config, pruning ratios or class count change without
+    regenerating ml/compile/records (python -m ml.compile.tuning)."""
+    torch.manual_seed(0)
+    classes = [f"class {i}" for i in range(SyntheticDataConfig().num_classes)]
+    model = SpeciesClassifier.from_coca(build_coca(ModelConfig().name), classes).eval()
+    prune_structure(model, PruneConfig(importance="magnitude"))
+    target = host_tvm_target()
+    shipped = ms.database.JSONDatabase(work_dir=str(SHIPPED_RECORDS), allow_missing=False)
+    for batch in CompileConfig().batch_sizes:
+        assert new_tasks(fused_kernels(to_relax(export(model, batch)), target), target, [shipped]) == []
 
 
 def test_parity_check_fails_on_a_different_model(tiny_model, tiny_dataset, settings):

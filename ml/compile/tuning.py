@@ -1,25 +1,28 @@
-"""MetaSchedule tuning that makes progress on a small CPU machine.
+"""MetaSchedule tuning that makes progress on a small CPU machine, and pre-tuned records.
 
 MetaSchedule's LocalBuilder starts fresh worker processes for every round of candidates, and each
 worker first imports TVM's tensor intrinsics (about a minute on 2 cores): most of the tuning
 budget goes to imports. The builder here keeps its workers, imported once, for the whole run.
+
+Records are looked up per kernel (operator and shapes, not weights): a retrained model reuses
+them, and only kernels that no database knows are tuned. Besides the project's own database,
+`records/` ships the best schedules for the default model's kernels (like TVM's TopHub), so a
+fresh checkout builds fast libraries without an hour of tuning; `python -m ml.compile.tuning`
+regenerates them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import os
 from pathlib import Path
 
-from tvm import tirx
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder, local_builder
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
-
-# The operators that carry the FLOPs get the trials; the rest keep TVM's default schedules.
-TUNED_OPS = ["matmul", "conv2d"]
 from tvm_ffi import structural_hash
+
+SHIPPED_RECORDS = Path(__file__).with_name("records")
 
 
 def _import_tensor_intrinsics() -> None:
@@ -41,25 +44,91 @@ class WarmLocalBuilder(PyBuilder):
                 for r in self._pool.map_with_error_catching(lambda job: local_builder._worker_func(*job), jobs)]
 
 
-def kernels_key(mod) -> str:
-    """Identifies the module's kernels (operators and shapes), not its weights: a retrained
-    model of the same architecture has the same key and reuses the records."""
-    kernels = sorted(str(structural_hash(func)) for _, func in mod.functions.items() if isinstance(func, tirx.PrimFunc))
-    return hashlib.sha256(",".join(kernels).encode()).hexdigest()[:16]
-
-
-def tune(mod, target, trials: int, tuning_dir: Path, workers: int) -> ms.database.JSONDatabase:
-    """MetaSchedule records for `mod` in the JSON database at `tuning_dir`. A module tuned there
-    before (same operators and shapes, same target) is not tuned again: its records are reused."""
+def _databases(tuning_dir: Path, shipped: bool) -> list[ms.database.JSONDatabase]:
     tuning_dir.mkdir(parents=True, exist_ok=True)
-    ledger = tuning_dir / "tuned_modules.json"
-    tuned = json.loads(ledger.read_text()) if ledger.exists() else {}
-    key = f"{kernels_key(mod)}:{target}"
-    if trials > 0 and key not in tuned:
-        ms.relax_integration.tune_relax(
-            mod, {}, target, work_dir=str(tuning_dir), max_trials_global=trials, op_names=TUNED_OPS, num_trials_per_iter=16,
-            builder=WarmLocalBuilder(workers), runner=ms.runner.LocalRunner(timeout_sec=60),
-            cost_model="xgb", seed=0)
-        tuned[key] = {"trials": trials}
-        ledger.write_text(json.dumps(tuned, indent=1))
-    return ms.database.JSONDatabase(work_dir=str(tuning_dir))
+    local = ms.database.JSONDatabase(work_dir=str(tuning_dir))
+    return [local, ms.database.JSONDatabase(work_dir=str(SHIPPED_RECORDS), allow_missing=False)] if shipped else [local]
+
+
+def known_records(tuning_dir: Path, shipped: bool = True) -> ms.database.Database:
+    """The project's database at `tuning_dir`, then (unless `shipped` is off) the shipped
+    records: a kernel tuned here takes its own record, any other the shipped one."""
+    return ms.database.OrderedUnionDatabase(*_databases(tuning_dir, shipped))
+
+
+def new_tasks(mod, target, databases: list[ms.database.Database]) -> list:
+    """The module's kernels that none of `databases` has seen."""
+    return [task for task in ms.relax_integration.extract_tasks(mod, target)
+            if not any(database.has_workload(task.dispatched[0]) for database in databases)]
+
+
+def tune(mod, target, trials: int, tuning_dir: Path, workers: int, shipped: bool = True) -> ms.database.Database:
+    """Tune the kernels of the fused module `mod` that no tuning run here has seen and no
+    shipped record covers, within `trials` MetaSchedule trials; records go to the JSON database
+    at `tuning_dir`. Each kernel is tuned once: a later compile with the same shapes tunes
+    nothing (delete `tuning_dir` to start over). Returns every known record, for compile_relax."""
+    databases = _databases(tuning_dir, shipped)
+    tasks = new_tasks(mod, target, databases) if trials > 0 else []
+    if tasks:
+        local = databases[0]
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(tuning_dir), seed=0)
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=weights, work_dir=str(tuning_dir), max_trials_global=trials,
+            num_trials_per_iter=16, builder=WarmLocalBuilder(workers), runner=ms.runner.LocalRunner(timeout_sec=60),
+            database=local, cost_model="xgb")
+        for task in tasks:  # seen, even where the budget ran out before its turn
+            local.commit_workload(task.dispatched[0])
+    return known_records(tuning_dir, shipped)  # reopened: the JSON files hold what tuning just added
+
+
+def keep_best(sources: list[ms.database.Database], out_dir: Path) -> int:
+    """Write the best record of each workload in `sources` into a fresh JSON database at `out_dir`."""
+    best = {}
+    for record in (record for source in sources for record in source.get_all_tuning_records()):
+        if record.run_secs:
+            seconds = sum(float(s) for s in record.run_secs) / len(record.run_secs)
+            key = structural_hash(record.workload.mod)
+            if key not in best or seconds < best[key][0]:
+                best[key] = (seconds, record)
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        (out_dir / name).unlink(missing_ok=True)
+    out = ms.database.JSONDatabase(work_dir=str(out_dir))
+    for _, record in best.values():
+        out.commit_tuning_record(ms.database.TuningRecord(record.trace, out.commit_workload(record.workload.mod),
+                                                          record.run_secs, record.target, record.args_info))
+    return len(best)
+
+
+def main(trials: int = 900, with_unpruned: bool = False) -> None:
+    """Regenerate `records/`: tune the kernels of the default model, pruned (what the pipeline
+    ships; with --with-unpruned also unpruned, what the benchmark compares), at every configured
+    batch size on this CPU. The models are untrained: schedules depend on shapes, not weights."""
+    import copy
+
+    import torch
+
+    from config import get_settings
+    from ml.compile import export, fused_kernels, host_tvm_target, to_relax
+    from ml.model import SpeciesClassifier, build_coca
+    from ml.prune import prune_structure
+
+    settings = get_settings()
+    torch.manual_seed(0)
+    classes = [f"class {i}" for i in range(settings.synthetic.num_classes)]
+    unpruned = SpeciesClassifier.from_coca(build_coca(settings.model.name), classes).eval()
+    pruned = copy.deepcopy(unpruned)
+    prune_structure(pruned, settings.prune.model_copy(update={"importance": "magnitude"}))
+    models = [pruned, unpruned] if with_unpruned else [pruned]
+    target = host_tvm_target()
+    work_dir = settings.data_dir / "tuning-shipped"  # kept: an interrupted run resumes where it stopped
+    for model in models:
+        for batch in settings.compile.batch_sizes:
+            tune(fused_kernels(to_relax(export(model, batch)), target), target, trials, work_dir, os.cpu_count(), shipped=False)
+    kept = keep_best([ms.database.JSONDatabase(work_dir=str(work_dir))], SHIPPED_RECORDS)
+    print(f"best records of {kept} kernels in {SHIPPED_RECORDS}")
+
+
+if __name__ == "__main__":
+    import typer
+
+    typer.run(main)

@@ -61,9 +61,11 @@ def make_heads_prunable(model: SpeciesClassifier) -> list[SelfAttention]:
     return [block.attn for block in model.visual.transformer.resblocks]
 
 
-def _importance(model: SpeciesClassifier, kind: str, dataset_dir: Path) -> tp.importance.Importance:
+def _importance(model: SpeciesClassifier, kind: str, dataset_dir: Path | None) -> tp.importance.Importance:
     if kind == "magnitude":
         return tp.importance.GroupMagnitudeImportance(p=2)
+    if dataset_dir is None:
+        raise ValueError("Taylor importance needs training images: pass dataset_dir")
     # Taylor: |weight x gradient|, the gradient of the loss on one batch of training images
     batch = DataLoader(IP102Dataset(dataset_dir, "train", eval_transform(model.image_size)), batch_size=64, shuffle=True)
     images, labels = next(iter(batch))
@@ -72,7 +74,7 @@ def _importance(model: SpeciesClassifier, kind: str, dataset_dir: Path) -> tp.im
     return tp.importance.GroupTaylorImportance()
 
 
-def prune_structure(model: SpeciesClassifier, cfg: PruneConfig, dataset_dir: Path) -> None:
+def prune_structure(model: SpeciesClassifier, cfg: PruneConfig, dataset_dir: Path | None = None) -> None:
     """Remove `cfg.mlp_ratio` of each ViT block's MLP hidden channels and `cfg.head_ratio` of its
     attention heads, least important first, in place. The residual width stays: every other
     layer, the attention pooler included, is left whole."""
