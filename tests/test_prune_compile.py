@@ -1,5 +1,8 @@
 import copy
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -80,6 +83,18 @@ def test_tvm_llvm_build_matches_eager(tiny_model, tiny_dataset, tmp_path, settin
     assert np.abs(compiled(batch) - eager).max() < 1e-4  # 5 images: chunks of 2, 2 and a padded 1
     max_diff, agreement = check_parity(tiny_model, compiled, tiny_dataset, settings.compile)
     assert max_diff < 1e-3 and agreement == 1.0
+
+
+def test_compiled_classifier_runs_tvm_on_every_physical_core(tiny_model, tmp_path, settings):
+    """TVM alone would take half the logical CPUs: one of this machine's two cores."""
+    import psutil
+
+    library = build_static(tiny_model, 1, settings.compile.model_copy(update={"tuning_trials": 0}), tmp_path / "tuning", tmp_path / "b1.so")
+    threads_after_load = (f"import tvm_ffi; from ml.runtime import CompiledClassifier; CompiledClassifier({{1: {str(library)!r}}}); "
+                          "print(tvm_ffi.get_global_func('runtime.NumThreads')())")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", threads_after_load], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) == psutil.cpu_count(logical=False)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from config import CompileConfig
 from ml.evaluate import collect_logits, torch_predict_fn
-from ml.runtime import CompiledClassifier, host_target
+from ml.runtime import CompiledClassifier, claim_tvm_threads, host_target
 
 
 class ParityError(RuntimeError):
@@ -72,10 +72,11 @@ def to_relax(program: torch.export.ExportedProgram):
 
 
 def host_tvm_target():
-    """The host CPU as a TVM target, with its core count (MetaSchedule's parallel extents)."""
+    """The host CPU as a TVM target, with the threads its kernels will run on (MetaSchedule's
+    parallel extents, and the threads its measurements use)."""
     import tvm
 
-    return tvm.target.Target({**host_target(), "num-cores": os.cpu_count()})
+    return tvm.target.Target({**host_target(), "num-cores": claim_tvm_threads()})
 
 
 def fused_kernels(mod, target):
