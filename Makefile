@@ -6,7 +6,7 @@ UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast data lint clean
+.PHONY: demo test test-fast data lint clean up down status
 
 $(UV):
 	python3 -m pip install --user --quiet uv || curl -LsSf https://astral.sh/uv/install.sh | sh
@@ -23,6 +23,16 @@ data: $(VENV)/.synced
 
 demo: $(VENV)/.synced data
 	scripts/demo.sh
+
+# The platform as local services (PostgreSQL, S3, MLflow server, Airflow, the Bento): see README.
+up: $(VENV)/.synced data
+	$(PY) -m stack up
+
+down: $(VENV)/.synced
+	$(PY) -m stack down
+
+status: $(VENV)/.synced
+	$(PY) -m stack status
 
 test: $(VENV)/.synced
 	$(VENV)/bin/pytest

@@ -94,6 +94,17 @@ class ServeConfig(BaseModel):
     max_latency_ms: int = 200
 
 
+class StackConfig(BaseModel):
+    """`make up`: the platform as services on this machine, each on 127.0.0.1 at these ports."""
+
+    postgres_port: int = 5434  # Airflow's metadata, MLflow's store and the feedback tables
+    s3_port: int = 9000  # moto's S3 server: MLflow artifacts and feedback images
+    mlflow_port: int = 5000
+    airflow_port: int = 8080  # the API server, which also serves the UI
+    executor: Literal["LocalExecutor", "CeleryExecutor"] = "LocalExecutor"
+    start_timeout_s: float = 180.0  # per service, until its health check passes
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="INSECT_", env_nested_delimiter="__", extra="ignore", protected_namespaces=()
@@ -118,6 +129,7 @@ class Settings(BaseSettings):
     compile: CompileConfig = CompileConfig()
     feedback: FeedbackConfig = FeedbackConfig()
     serve: ServeConfig = ServeConfig()
+    stack: StackConfig = StackConfig()
 
     @property
     def resolved_dataset_dir(self) -> Path:
@@ -159,6 +171,11 @@ class Settings(BaseSettings):
     def tuning_dir(self) -> Path:
         """MetaSchedule's tuning records, shared by every compile so retrains reuse them."""
         return self.data_dir / "tuning"
+
+    @property
+    def stack_dir(self) -> Path:
+        """`make up`'s services: their data, logs, generated secrets and supervisord's files."""
+        return self.data_dir / "stack"
 
     @property
     def work_dir(self) -> Path:

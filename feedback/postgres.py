@@ -42,19 +42,25 @@ def is_running(cluster: Path) -> bool:
     return (cluster / "PG_VERSION").exists() and _pg_ctl(cluster, "status").returncode == 0
 
 
+def init_cluster(cluster: Path, superuser: str, *auth: str) -> None:
+    """initdb (once), owned by the account the server runs as; `auth`: initdb's --auth* options."""
+    if (cluster / "PG_VERSION").exists():
+        return
+    cluster.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(cluster, SERVER_ACCOUNT, SERVER_ACCOUNT)
+    created = _run(cluster, "initdb", "-D", str(cluster), "-U", superuser, *auth, "-E", "UTF8")
+    if created.returncode != 0:
+        raise RuntimeError(f"initdb failed: {created.stderr.strip()}")
+
+
 def ensure_running(cluster: Path, port: int) -> str:
     """Initialise (once) and start the cluster on 127.0.0.1:`port`; return its SQLAlchemy URL."""
     if shutil.which("pg_ctl") is None:
         raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) are not on PATH; "
                            "install them or set INSECT_FEEDBACK__DATABASE_URL")
     with _locked(cluster):
-        if not (cluster / "PG_VERSION").exists():
-            cluster.mkdir(exist_ok=True)
-            if os.geteuid() == 0:
-                shutil.chown(cluster, SERVER_ACCOUNT, SERVER_ACCOUNT)
-            created = _run(cluster, "initdb", "-D", str(cluster), "-U", USER, "--auth=trust", "-E", "UTF8")
-            if created.returncode != 0:
-                raise RuntimeError(f"initdb failed: {created.stderr.strip()}")
+        init_cluster(cluster, USER, "--auth=trust")
         if not is_running(cluster):
             started = _pg_ctl(cluster, "start", "-w", "-t", "60", "-l", str(cluster / "server.log"),
                               "-o", f"-p {port} -k {cluster} -c listen_addresses=127.0.0.1 -c max_connections=200")
