@@ -80,6 +80,7 @@ class FeedbackConfig(BaseModel):
     s3_prefix: str = "feedback"
     max_image_bytes: int = 5 * 1024 * 1024
     min_new_samples: int = 5  # the ingest DAG publishes a dataset version from this many
+    ingest_schedule: str = "@hourly"  # the ingest DAG's schedule (cron or preset)
 
 
 class ServeConfig(BaseModel):

@@ -1,7 +1,7 @@
 """
 ### Ingest user feedback into a new training-dataset version
 
-Hourly: when at least `feedback.min_new_samples` corrections arrived since the last export,
+Hourly (`feedback.ingest_schedule`): when at least `feedback.min_new_samples` corrections arrived since the last export,
 build the next dataset version (the current one plus the corrected images, deduplicated by image
 hash) from PostgreSQL rows and stored images, validate it with the same Great Expectations suite
 as training, then publish it: the `insect_training_dataset` Asset event schedules `retrain`.
@@ -22,7 +22,7 @@ training_dataset = Asset(TRAINING_DATASET_ASSET)
 
 
 @dag(
-    schedule="@hourly",
+    schedule=get_settings().feedback.ingest_schedule,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -271,6 +271,12 @@ class Stack:
 
         _wait(healthy, self.settings.stack.start_timeout_s, service.name, log)
 
+    def airflow_api(self) -> httpx.Client:
+        """Airflow's REST API, as the admin user."""
+        login = {"username": AIRFLOW_ADMIN, "password": self.secrets["airflow_admin_password"]}
+        token = httpx.post(f"{self.url('airflow')}/auth/token", json=login, timeout=30).raise_for_status().json()["access_token"]
+        return httpx.Client(base_url=f"{self.url('airflow')}/api/v2", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
     def down(self) -> None:
         """Stop every service and supervisord; data stays."""
         if not self.supervisor_running():
