@@ -221,7 +221,9 @@ class Stack:
             "[rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n",
         ]
         for service in self.services():
-            lines = [f"[program:{service.name}]", f"command={' '.join(service.command)}", f"directory={REPO_ROOT}",
+            # PostgreSQL starts in its own cluster: its account may not be allowed into the checkout
+            directory = self.cluster if service.name == "postgres" else REPO_ROOT
+            lines = [f"[program:{service.name}]", f"command={' '.join(service.command)}", f"directory={directory}",
                      "autostart=false", "autorestart=true", "startsecs=3", "stopasgroup=true", "killasgroup=true",
                      "stopwaitsecs=30", "redirect_stderr=true", f"stdout_logfile={self.logs / service.name}.log"]
             if service.user:
