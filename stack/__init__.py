@@ -10,6 +10,7 @@ and `secrets.json`, generated on first start and readable only by its owner.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -184,7 +185,7 @@ class Stack:
         passwords = self.airflow_home / "passwords.json"
         fd = os.open(passwords, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
-            out.write(f'{{"{AIRFLOW_ADMIN}": "{self.secrets["airflow_admin_password"]}"}}')
+            json.dump({AIRFLOW_ADMIN: self.secrets["airflow_admin_password"]}, out)
         migrated = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env={**os.environ, **self.environment()},
                                   capture_output=True, text=True, check=False)
         (self.logs / "airflow-db-migrate.log").write_text(migrated.stdout + migrated.stderr)
@@ -272,12 +273,6 @@ class Stack:
             return service.healthy()
 
         _wait(healthy, self.settings.stack.start_timeout_s, service.name, log)
-
-    def airflow_api(self) -> httpx.Client:
-        """Airflow's REST API, as the admin user."""
-        login = {"username": AIRFLOW_ADMIN, "password": self.secrets["airflow_admin_password"]}
-        token = httpx.post(f"{self.url('airflow')}/auth/token", json=login, timeout=30).raise_for_status().json()["access_token"]
-        return httpx.Client(base_url=f"{self.url('airflow')}/api/v2", headers={"Authorization": f"Bearer {token}"}, timeout=30)
 
     def down(self) -> None:
         """Stop every service and supervisord; data stays."""
