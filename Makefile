@@ -6,7 +6,7 @@ UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast data lint clean up down status
+.PHONY: demo test test-fast data lint clean up down status system-packages
 
 $(UV):
 	python3 -m pip install --user --quiet uv || curl -LsSf https://astral.sh/uv/install.sh | sh
@@ -24,9 +24,18 @@ data: $(VENV)/.synced
 demo: $(VENV)/.synced data
 	scripts/demo.sh
 
+# Debian's packages for what the project starts itself besides PostgreSQL: Redis (Celery's
+# broker) and Chromium with its driver (the UI test). Installed once, as root or through sudo.
+SYSTEM_PACKAGES := redis-server chromium chromium-driver
+system-packages:
+	@command -v redis-server >/dev/null && command -v chromedriver >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); }
+
 # The platform as local services (PostgreSQL, S3, MLflow server, Airflow, the Bento): see README.
-up: $(VENV)/.synced data
-	$(PY) -m stack up
+# `make up EXECUTOR=celery WORKERS=2` runs Airflow's tasks on Celery workers (Redis as broker).
+up: $(VENV)/.synced data system-packages
+	$(if $(EXECUTOR),INSECT_STACK__EXECUTOR=$(EXECUTOR)) $(if $(WORKERS),INSECT_STACK__WORKERS=$(WORKERS)) $(PY) -m stack up
 
 down: $(VENV)/.synced
 	$(PY) -m stack down
@@ -34,7 +43,7 @@ down: $(VENV)/.synced
 status: $(VENV)/.synced
 	$(PY) -m stack status
 
-test: $(VENV)/.synced
+test: $(VENV)/.synced system-packages
 	$(VENV)/bin/pytest
 
 test-fast: $(VENV)/.synced

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +49,11 @@ class TrainConfig(BaseModel):
     patience: int = 3  # epochs without val improvement before early stopping
     seed: int = 0
     max_steps_per_epoch: int | None = None  # cap for smoke tests
+    # Data parallel through the deepspeed launcher: processes on this host (CPU: gloo; GPU: one
+    # per device), or a DeepSpeed hostfile (`host slots=N` per line) for several hosts.
+    world_size: int = 1
+    hostfile: Path | None = None
+    master_port: int = 29500
 
 
 class PruneConfig(BaseModel):
@@ -95,6 +100,11 @@ class ServeConfig(BaseModel):
     max_latency_ms: int = 200
 
 
+def _airflow_executor(name: str) -> str:
+    """`make up EXECUTOR=celery` as well as Airflow's own class names."""
+    return {"local": "LocalExecutor", "celery": "CeleryExecutor"}.get(str(name).lower(), name)
+
+
 class StackConfig(BaseModel):
     """`make up`: the platform as services on this machine, each on 127.0.0.1 at these ports."""
 
@@ -102,7 +112,10 @@ class StackConfig(BaseModel):
     s3_port: int = 9000  # moto's S3 server: MLflow artifacts and feedback images
     mlflow_port: int = 5000
     airflow_port: int = 8080  # the API server, which also serves the UI
-    executor: Literal["LocalExecutor", "CeleryExecutor"] = "LocalExecutor"
+    executor: Annotated[Literal["LocalExecutor", "CeleryExecutor"], BeforeValidator(_airflow_executor)] = "LocalExecutor"
+    workers: int = 2  # Celery workers, one task at a time each (CeleryExecutor only)
+    redis_port: int = 6380  # Celery's broker (CeleryExecutor only; 6379 is left to a system server)
+    worker_log_port: int = 8793  # the first worker's log server; the next ones count up
     start_timeout_s: float = 180.0  # per service, until its health check passes
 
 

@@ -2,8 +2,9 @@
 
 In start order, each health-checked before the next starts: PostgreSQL (Airflow's metadata,
 MLflow's store and the feedback tables, each in its own database and role) -> an S3 API (moto's
-server: MLflow artifacts and feedback images) -> the MLflow tracking server -> Airflow's
-api-server, scheduler, dag-processor and triggerer -> the Bento serving the champion.
+server: MLflow artifacts and feedback images) -> the MLflow tracking server -> (CeleryExecutor:
+Redis) -> Airflow's api-server, scheduler, dag-processor and triggerer -> (CeleryExecutor: the
+workers) -> the Bento serving the champion.
 Everything lives under `<data dir>/stack/`: the services' data, one log per service in `logs/`,
 and `secrets.json`, generated on first start and readable only by its owner.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -106,7 +108,21 @@ class Stack:
             "AIRFLOW__API__SECRET_KEY": self.secrets["airflow_api_secret_key"],
             "AIRFLOW__API__PORT": str(stack.airflow_port),
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.logs / "airflow"),
+            **(self._celery_environment() if self.celery else {}),
         }
+
+    @property
+    def celery(self) -> bool:
+        return self.settings.stack.executor == "CeleryExecutor"
+
+    def _celery_environment(self) -> dict[str, str]:
+        return {"AIRFLOW__CELERY__BROKER_URL": self._broker_url,
+                # task states go to Airflow's own database, as in Airflow's compose file
+                "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.database_url("airflow").replace("+psycopg2", "")}
+
+    @property
+    def _broker_url(self) -> str:
+        return f"redis://127.0.0.1:{self.settings.stack.redis_port}/0"
 
     # -- the services ---------------------------------------------------------------------------
 
@@ -127,14 +143,54 @@ class Stack:
                                "--workers", "1", "--backend-store-uri", self.database_url("mlflow"),
                                "--artifacts-destination", "s3://mlflow", "--serve-artifacts"],
                     lambda: _http_ok(f"{self.url('mlflow')}/health")),
+            *([self._redis()] if self.celery else []),
             Service("airflow-api-server", [airflow, "api-server", "--workers", "1"],
                     lambda: _http_ok(f"{self.url('airflow')}/api/v2/monitor/health"), before_start=self._migrate_airflow),
             Service("airflow-scheduler", [airflow, "scheduler"], lambda: self._airflow_component_healthy("scheduler")),
             Service("airflow-dag-processor", [airflow, "dag-processor"], lambda: self._airflow_component_healthy("dag_processor")),
             Service("airflow-triggerer", [airflow, "triggerer"], lambda: self._airflow_component_healthy("triggerer")),
+            *(self._celery_workers() if self.celery else []),
             Service("bento", [str(BIN / "bentoml"), "serve", "bentos.service:InsectClassifier", "--port", str(self.settings.serve.port)],
                     lambda: _http_ok(f"{self.url('bento')}/livez")),
         ]
+
+    def _redis(self) -> Service:
+        import redis
+
+        data = self.dir / "redis"
+
+        def healthy() -> bool:
+            try:
+                return redis.Redis(port=self.settings.stack.redis_port, socket_timeout=2).ping()
+            except redis.RedisError:
+                return False
+
+        # append-only file: tasks queued when the stack stops are still queued after `make up`
+        return Service("redis", [_which("redis-server"), "--bind", "127.0.0.1", "--port", str(self.settings.stack.redis_port),
+                                 "--dir", str(data), "--appendonly", "yes", "--save", '""'],
+                       healthy, before_start=lambda: data.mkdir(exist_ok=True))
+
+    def _celery_workers(self) -> list[Service]:
+        """`airflow celery worker`s taking one task at a time, each answering Celery's ping."""
+        from celery import Celery
+
+        broker = Celery(broker=self._broker_url)
+
+        def answers(name: str) -> bool:
+            try:
+                return bool(broker.control.ping(destination=[name], timeout=1))
+            except OSError:
+                return False
+
+        workers = []
+        for index in range(1, self.settings.stack.workers + 1):
+            name = f"worker{index}@{socket.gethostname()}"
+            workers.append(Service(
+                f"airflow-worker-{index}", [str(BIN / "airflow"), "celery", "worker", "--concurrency", "1", "--celery-hostname", name],
+                lambda name=name: answers(name),
+                # each worker serves its task logs to the UI on a port of its own
+                environment={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.settings.stack.worker_log_port + index - 1)}))
+        return workers
 
     @property
     def _s3_recording(self) -> Path:

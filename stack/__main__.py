@@ -1,13 +1,16 @@
-"""`python -m stack up|down|status` (`make up`, `make down`, `make status`): the local service stack."""
+"""`python -m stack up|down|status` (`make up`, `make down`, `make status`): the local service stack;
+`python -m stack env-file`: its secrets as a .env for docker compose and Kubernetes."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from config import get_settings
-from stack import Stack, StackError
+from config import REPO_ROOT, get_settings
+from stack import Stack, StackError, secrets
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -42,6 +45,14 @@ def status() -> None:
         typer.echo(f"{name:<22} {state}")
     if any("healthy" not in state for state in states.values()):
         raise typer.Exit(3)  # like `systemctl status`: not everything is up
+
+
+@app.command("env-file")
+def env_file(path: Annotated[Path, typer.Argument(help="where to write it")] = REPO_ROOT / ".env") -> None:
+    """Write the stack's secrets as a .env file for docker compose and Kubernetes (mode 0600)."""
+    stack = Stack(get_settings())
+    secrets.write_env_file(stack.secrets, path)
+    typer.echo(f"wrote {path} from {stack.dir / 'secrets.json'}")
 
 
 if __name__ == "__main__":

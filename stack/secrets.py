@@ -11,7 +11,21 @@ NAMES = (
     "airflow_db_password", "mlflow_db_password", "feedback_db_password",  # one PostgreSQL role each
     "airflow_admin_password", "airflow_jwt_secret", "airflow_api_secret_key",
     "s3_access_key", "s3_secret_key",
+    "postgres_password",  # the superuser's, where a container image asks for one (compose)
 )
+# The variable each secret goes by in a deployment's .env: the AWS SDKs' names for the S3 keys.
+ENV_NAMES = {name: name.upper() for name in NAMES} | {
+    "s3_access_key": "AWS_ACCESS_KEY_ID", "s3_secret_key": "AWS_SECRET_ACCESS_KEY"}
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` readable by its owner only; a crash mid-write leaves the old file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    partial.replace(path)
 
 
 def load_or_create(path: Path) -> dict[str, str]:
@@ -20,10 +34,11 @@ def load_or_create(path: Path) -> dict[str, str]:
     known = json.loads(path.read_text()) if path.exists() else {}
     missing = {name: secrets.token_urlsafe(24) for name in NAMES if name not in known}
     if missing:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".tmp")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(known | missing, out, indent=2)
-        partial.replace(path)  # a crash mid-write leaves the old file, not half of a new one
+        _write_private(path, json.dumps(known | missing, indent=2))
     return known | missing
+
+
+def write_env_file(secrets_: dict[str, str], path: Path) -> None:
+    """The secrets as a .env file (mode 0600) for `docker compose` and `kubectl create secret
+    generic --from-env-file`."""
+    _write_private(path, "".join(f"{ENV_NAMES[name]}={secrets_[name]}\n" for name in NAMES))

@@ -1,20 +1,135 @@
-"""No container engine runs here: check the compose file and Dockerfile against the project."""
+"""No container engine runs here: the compose file, the Dockerfile, the Kubernetes manifests and
+the Helm values are checked against the project: every file, command and variable they name
+exists, and their ports and variables agree with the config module and `make up`."""
 
+import re
 from pathlib import Path
 
+import pytest
 import yaml
 
+from config import Settings
+from stack import Stack, secrets
+
 REPO = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+KUBERNETES = REPO / "infra" / "kubernetes"
+MANIFESTS = [doc for doc in yaml.safe_load_all((KUBERNETES / "platform.yaml").read_text()) if doc]
+HELM_VALUES = yaml.safe_load((KUBERNETES / "airflow-values.yaml").read_text())
+OUR_SERVICES = {name: s for name, s in COMPOSE["services"].items() if s.get("image") == "insect-mlops:latest"}
+CONTAINERS = [c for doc in MANIFESTS if doc["kind"] == "Deployment" for c in doc["spec"]["template"]["spec"]["containers"]]
 
 
-def test_compose_builds_from_existing_files_and_runs_make_targets():
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    makefile = (REPO / "Makefile").read_text()
-    for name, service in compose["services"].items():
-        assert (REPO / service["build"]["context"] / service["build"]["dockerfile"]).is_file(), name
-        assert service["environment"]["INSECT_DATA_DIR"] == "/data"
-        if service["command"][0] == "make":
-            assert f"\n{service['command'][1]}:" in makefile
+def _environment_names() -> set[str]:
+    names = {k for s in COMPOSE["services"].values() for k in s.get("environment", {})}
+    names |= {e["name"] for c in CONTAINERS for e in c.get("env", [])}
+    names |= {e["name"] for e in HELM_VALUES["env"]}
+    return names | {k for doc in MANIFESTS if doc["kind"] == "ConfigMap" for k in doc["data"]}
+
+
+def _settings_field_exists(variable: str) -> bool:
+    model, *path = variable.removeprefix("INSECT_").lower().split("__")
+    fields = Settings.model_fields
+    for name in [model, *path]:
+        if name not in fields:
+            return False
+        fields = getattr(fields[name].annotation, "model_fields", {})
+    return True
+
+
+def _executable(command: list[str]) -> str:
+    return command[0] if command[0] not in {"/bin/bash", "/bin/sh"} else "bash"
+
+
+def test_our_services_run_from_the_project_image_with_commands_from_its_environment():
+    assert (REPO / COMPOSE["x-insect-image"]["build"]["context"] / COMPOSE["x-insect-image"]["build"]["dockerfile"]).is_file()
+    assert "ENV PATH=/app/.venv/bin:$PATH" in (REPO / "infra" / "Dockerfile").read_text()
+    commands = [s["command"] for name, s in OUR_SERVICES.items() if name != "airflow-init"]
+    commands += [c["command"] for c in CONTAINERS]
+    for command in commands:
+        program = command[0]
+        assert program == "make" or (REPO / ".venv" / "bin" / program).is_file(), command
+        if program == "bentoml":
+            module, _, cls = command[2].partition(":")
+            assert f"class {cls}" in (REPO / (module.replace(".", "/") + ".py")).read_text()
+        if program == "make":
+            assert f"\n{command[1]}:" in (REPO / "Makefile").read_text()
+
+
+def test_mounted_files_exist_and_the_database_script_creates_what_make_up_creates():
+    mounts = [v.split(":")[0] for s in COMPOSE["services"].values() for v in s.get("volumes", []) if v.startswith("./")]
+    assert mounts and all((REPO / m).is_file() for m in mounts), mounts
+    script = (REPO / "infra" / "postgres" / "create-databases.sh").read_text()
+    from stack import DATABASES
+
+    for database, secret in DATABASES.items():
+        assert f"{database}:{secrets.ENV_NAMES[secret]}" in script
+
+
+def test_every_variable_compose_and_kubernetes_interpolate_comes_from_the_env_file():
+    text = (REPO / "docker-compose.yml").read_text()
+    compose_vars = set(re.findall(r"(?<!\$)\$\{(\w+)", text))
+    kubernetes_vars = set(re.findall(r"\$\((\w+)\)", (KUBERNETES / "platform.yaml").read_text()
+                                     + (KUBERNETES / "airflow-values.yaml").read_text()))
+    configmap = {k for doc in MANIFESTS if doc["kind"] == "ConfigMap" for k in doc["data"]}
+    assert compose_vars and compose_vars <= set(secrets.ENV_NAMES.values())
+    assert kubernetes_vars and kubernetes_vars <= set(secrets.ENV_NAMES.values()) | configmap
+
+
+def test_env_file_holds_every_secret_privately(tmp_path):
+    values = secrets.load_or_create(tmp_path / "secrets.json")
+    secrets.write_env_file(values, tmp_path / ".env")
+    written = dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines())
+    assert written == {secrets.ENV_NAMES[name]: values[name] for name in secrets.NAMES}
+    assert (tmp_path / ".env").stat().st_mode & 0o077 == 0
+
+
+def test_every_insect_and_airflow_variable_is_a_real_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSECT_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("INSECT_STACK__EXECUTOR", "celery")
+    from airflow.configuration import conf
+
+    options = conf.configuration_description  # Airflow's own and its installed providers' options
+    local = Stack(Settings()).environment()
+    for name in _environment_names() | set(local):
+        if name.startswith("INSECT_"):
+            assert _settings_field_exists(name), name
+        elif name.startswith("AIRFLOW__"):
+            section, key = name.removeprefix("AIRFLOW__").lower().split("__")
+            assert key in options.get(section, {}).get("options", {}), name
+
+
+def test_deployments_set_what_make_up_sets(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSECT_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("INSECT_STACK__EXECUTOR", "celery")  # compose runs Celery workers
+    local = Stack(Settings()).environment()
+    wanted = {k for k in local if not k.startswith(("AIRFLOW_HOME", "AIRFLOW__API__PORT"))}
+    airflow_env = set(COMPOSE["x-airflow-common"]["environment"])
+    assert wanted - airflow_env == set(), "in make up's environment but not in compose's Airflow services"
+    kubernetes = _environment_names() | set(secrets.ENV_NAMES.values())
+    service_env = {k for k in local if not k.startswith("AIRFLOW")}
+    assert service_env - kubernetes == set()
+
+
+@pytest.mark.parametrize(("service", "port"), [("mlflow", "mlflow_port"), ("airflow-apiserver", "airflow_port"),
+                                               ("minio", "s3_port"), ("bento", None)])
+def test_published_ports_are_the_configured_ones(service, port):
+    settings = Settings()
+    expected = settings.serve.port if port is None else getattr(settings.stack, port)
+    assert f"{expected}:{expected}" in COMPOSE["services"][service]["ports"]
+
+
+def test_kubernetes_serves_on_the_configured_ports_with_the_helm_chart_on_kubernetes_executor():
+    settings = Settings()
+    ports = {c["name"]: c["ports"][0]["containerPort"] for c in CONTAINERS}
+    assert ports == {"mlflow": settings.stack.mlflow_port, "bento": settings.serve.port}
+    services = {doc["metadata"]["name"]: doc["spec"]["ports"][0]["port"] for doc in MANIFESTS if doc["kind"] == "Service"}
+    assert services == {"insect-mlflow": settings.stack.mlflow_port, "insect-bento": settings.serve.port}
+    assert HELM_VALUES["executor"] == "KubernetesExecutor"
+    assert f"{HELM_VALUES['images']['airflow']['repository']}:latest" == next(iter(OUR_SERVICES.values()))["image"]
+    import importlib.metadata
+
+    assert HELM_VALUES["airflowVersion"] == importlib.metadata.version("apache-airflow")
 
 
 def test_dockerfile_copies_only_what_exists():
@@ -24,7 +139,7 @@ def test_dockerfile_copies_only_what_exists():
                 assert (REPO / source).exists(), source
 
 
-def test_image_holds_everything_make_demo_runs():
+def test_image_holds_everything_the_services_run():
     copied = {line.split()[1] for line in (REPO / "infra" / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")}
     code = {p.name for p in REPO.iterdir() if p.is_dir() and any(p.glob("*.py")) and p.name not in {"tests", "benchmarks"}}
     assert code <= copied, f"not in the image: {code - copied}"
