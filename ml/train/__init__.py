@@ -1,7 +1,10 @@
 """Training through DeepSpeed: CoCa pretraining on image-caption pairs, then the species classifier.
 
-Runs single-process as plain Python (rank 0 of 1) or under the `deepspeed` launcher, on CPU
-(`DS_ACCELERATOR=cpu`) or GPU; engine settings come from `ds_config.json`, sizes from `config`.
+`train()` runs in this process (rank 0 of 1) when `train.world_size` is 1, and otherwise starts
+the `deepspeed` launcher (`python -m ml.train` on every rank: data parallel, on CPU with gloo or
+on GPUs with NCCL, across the hosts of `train.hostfile` when given). Engine settings come from
+`train.deepspeed_config` (ZeRO stage, precision), sizes from `config`; the global batch stays
+`train.batch_size` at any world size. Only rank 0 logs to MLflow and writes the classifier.
 """
 
 from __future__ import annotations
@@ -9,6 +12,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +22,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from config import PruneConfig, Settings, TrainConfig
@@ -46,6 +53,36 @@ def _distributed_defaults() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    if is_rank0():  # the other ranks would each start runs of their own
+        mlflow.log_metrics(metrics, step=step)
+
+
+def _mean_over_ranks(value: float) -> float:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
+
+
+def _loader(dataset: Dataset, cfg: TrainConfig, **kwargs) -> DataLoader:
+    """Shuffled batches of this rank's shard, batch_size / world_size each. At any world size the
+    ranks' batches together hold the images one process would batch at that step: the sampler
+    deals out one seeded permutation round-robin."""
+    world = _world_size()
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=int(os.environ.get("RANK", "0")), seed=cfg.seed, drop_last=True)
+    return DataLoader(dataset, batch_size=max(1, cfg.batch_size // world), sampler=sampler, drop_last=True, **kwargs)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -58,7 +95,7 @@ def deepspeed_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int)
     import deepspeed  # late: importing it picks the accelerator from the environment set above
 
     ds_config = json.loads(Path(cfg.deepspeed_config).read_text())
-    ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds_config["train_micro_batch_size_per_gpu"] = max(1, cfg.batch_size // _world_size())
     ds_config["optimizer"]["params"].update(lr=cfg.lr, weight_decay=cfg.weight_decay)
     if "scheduler" in ds_config:
         ds_config["scheduler"]["params"]["total_num_steps"] = max(1, total_steps)
@@ -78,20 +115,21 @@ def fit(model: torch.nn.Module, loader: DataLoader, loss_fn: LossFn, score_fn: S
     engine = deepspeed_engine(model, cfg, steps_per_epoch * epochs)
     best, best_epoch, epoch = -float("inf"), -1, 0
     for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         engine.train()
         losses = []
-        batches = tqdm(loader, total=steps_per_epoch, desc=f"{stage} epoch {epoch + 1}/{epochs}", unit="batch")
+        batches = tqdm(loader, total=steps_per_epoch, desc=f"{stage} epoch {epoch + 1}/{epochs}", unit="batch", disable=not is_rank0())
         for step, batch in enumerate(batches):
             if step == steps_per_epoch:
                 break
             loss = loss_fn(engine, batch)
             engine.backward(loss)
             engine.step()
-            losses.append(loss.item())
+            losses.append(_mean_over_ranks(loss.item()))  # the loss of the whole (global) batch
             batches.set_postfix(loss=f"{np.mean(losses):.3f}")
         engine.eval()
         score = score_fn(engine.module)
-        mlflow.log_metrics({f"{stage}_train_loss": float(np.mean(losses)), f"{stage}_val_score": score}, step=epoch)
+        _log_metrics({f"{stage}_train_loss": float(np.mean(losses)), f"{stage}_val_score": score}, step=epoch)
         if score > best:
             best, best_epoch = score, epoch
             engine.save_checkpoint(str(checkpoint_dir), tag=f"{stage}-best")
@@ -132,13 +170,15 @@ def pretrain_coca(settings: Settings, dataset_dir: Path, checkpoint_dir: Path):
     coca = build_coca(settings.model.name, vocab_size=tokenize.vocab_size)
     collate = _caption_collate(classes, tokenize, random.Random(settings.train.seed))
     augment = train_transform(coca.visual.image_size[0])
-    train_set = IP102Dataset(dataset_dir, "train", augment)
-    loader = DataLoader(train_set, batch_size=settings.train.batch_size, shuffle=True, drop_last=True, collate_fn=collate)
+    loader = _loader(IP102Dataset(dataset_dir, "train", augment), settings.train, collate_fn=collate)
     coca_loss = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)  # open_clip's CoCa recipe
+    # across ranks, every image is contrasted with every caption of the global batch, as in one process
+    global_coca_loss = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, gather_with_grad=True,
+                                rank=int(os.environ.get("RANK", "0")), world_size=_world_size())
 
     def loss_fn(engine, batch):
         images, texts = batch
-        contrastive, captioning = coca_loss(**engine(images, texts))
+        contrastive, captioning = global_coca_loss(**engine(images, texts))
         return contrastive + captioning
 
     val_set = IP102Dataset(dataset_dir, "val", augment)
@@ -164,8 +204,7 @@ def finetune_classifier(model: SpeciesClassifier, dataset_dir: Path, cfg: TrainC
                         checkpoint_dir: Path, teacher: torch.nn.Module | None = None) -> tuple[float, int]:
     """Cross-entropy fine-tuning on the species labels (plus distillation from `teacher` when
     given), early-stopped on validation top-1."""
-    train_set = IP102Dataset(dataset_dir, "train", train_transform(model.image_size))
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    loader = _loader(IP102Dataset(dataset_dir, "train", train_transform(model.image_size)), cfg)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
     def loss_fn(engine, batch):
@@ -187,26 +226,61 @@ def finetune_classifier(model: SpeciesClassifier, dataset_dir: Path, cfg: TrainC
 
 
 def train(settings: Settings, dataset_dir: Path, out_dir: Path) -> TrainResult:
-    """Both stages; logs params and per-epoch metrics to the active MLflow run.
+    """Both stages, logging params and per-epoch metrics to the active MLflow run: here, or on
+    `train.world_size` processes (or `train.hostfile`'s hosts) through the deepspeed launcher.
 
     Args:
         settings: the shared configuration (model, train sections).
         dataset_dir: a dataset in the IP102 layout.
         out_dir: where checkpoints and the trained classifier are written.
     """
+    if settings.train.world_size == 1 and settings.train.hostfile is None:
+        return train_here(settings, dataset_dir, out_dir)
+    return _launch(settings, dataset_dir, out_dir)
+
+
+def train_here(settings: Settings, dataset_dir: Path, out_dir: Path) -> TrainResult:
+    """This process's part of `train`: all of it, or one rank's under the launcher."""
     seed_everything(settings.train.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    local_processes = int(os.environ.get("LOCAL_SIZE", "1"))  # set by the launcher
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
     out_dir.mkdir(parents=True, exist_ok=True)
-    mlflow.log_params({"model": settings.model.name, **{f"train.{k}": v for k, v in settings.train.model_dump().items()}})
-    mlflow.log_artifact(str(settings.train.deepspeed_config))
+    if is_rank0():
+        mlflow.log_params({"model": settings.model.name, **{f"train.{k}": v for k, v in settings.train.model_dump().items()}})
+        mlflow.log_artifact(str(settings.train.deepspeed_config))
     coca = pretrain_coca(settings, dataset_dir, out_dir / "checkpoints")
     classifier = SpeciesClassifier.from_coca(coca, read_classes(dataset_dir))
     val_top1, epochs = finetune_classifier(classifier, dataset_dir, settings.train, epochs=settings.train.finetune_epochs,
                                            stage="classifier", checkpoint_dir=out_dir / "checkpoints")
-    mlflow.log_metric("val_top1", val_top1)
-    model_path = out_dir / "classifier.pt"
-    torch.save(classifier, model_path)
-    return TrainResult(model_path, val_top1, epochs)
+    _log_metrics({"val_top1": val_top1})
+    result = TrainResult(out_dir / "classifier.pt", val_top1, epochs)
+    if is_rank0():
+        torch.save(classifier, result.model_path)
+        (out_dir / "result.json").write_text(json.dumps({"val_top1": val_top1, "epochs_run": epochs}))
+    return result
+
+
+def _launch(settings: Settings, dataset_dir: Path, out_dir: Path) -> TrainResult:
+    """`deepspeed [--hostfile H | --num_gpus N] --module ml.train`: rank 0 logs into this
+    process's active MLflow run and leaves result.json next to the classifier."""
+    cfg = settings.train
+    hosts = ["--hostfile", str(cfg.hostfile)] if cfg.hostfile else ["--num_gpus", str(cfg.world_size)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings_file = out_dir / "settings.json"  # every rank trains with exactly these settings
+    settings_file.touch(mode=0o600)  # they may hold database passwords
+    settings_file.write_text(settings.model_dump_json())
+    command = [shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed", *hosts,
+               "--master_port", str(cfg.master_port), "--no_local_rank", "--module", "ml.train",
+               str(dataset_dir), str(out_dir), str(settings_file)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "PYTHONPATH": str(Path(__file__).parents[2])}
+    if active := mlflow.active_run():
+        env["MLFLOW_RUN_ID"] = active.info.run_id
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    (out_dir / "result.json").unlink(missing_ok=True)
+    subprocess.run(command, env=env, check=True)
+    result = json.loads((out_dir / "result.json").read_text())
+    return TrainResult(out_dir / "classifier.pt", result["val_top1"], result["epochs_run"])
 
 
 def recovery_finetune(model: SpeciesClassifier, teacher: torch.nn.Module, dataset_dir: Path, settings: Settings,
