@@ -74,7 +74,9 @@ def ingest_feedback():
                                                  "export_id": export_id, "feedback_ids": staged["feedback_ids"]}
         return staged["target_dir"]
 
-    enough_feedback() >> publish_version(validate_version(stage_version()))
+    staged = stage_version()
+    enough_feedback() >> staged
+    publish_version(validate_version(staged))
 
 
 ingest_feedback()

@@ -25,5 +25,7 @@ def test_ingest_dag_publishes_the_dataset_asset_only_after_validation():
     dag = _bag().dags.get("ingest_feedback")
     order = [t.task_id for t in dag.topological_sort()]
     assert order == ["enough_feedback", "stage_version", "validate_version", "publish_version"]
+    # a chain: without enough feedback, the short circuit skips staging and validation too
+    assert all(dag.get_task(task).upstream_task_ids == {before} for before, task in zip(order, order[1:]))
     publish = dag.get_task("publish_version")
     assert [outlet.name for outlet in publish.outlets] == [TRAINING_DATASET_ASSET]
