@@ -82,11 +82,16 @@ def _create_database(port: int) -> None:
     conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
-            if cur.fetchone() is None:
-                cur.execute(f"CREATE DATABASE {DATABASE}")
+            create_database(cur, DATABASE)
     finally:
         conn.close()
+
+
+def create_database(cur, name: str, owner: str | None = None) -> None:
+    """CREATE DATABASE `name` unless it exists (the cursor's connection in autocommit)."""
+    cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+    if cur.fetchone() is None:
+        cur.execute(f"CREATE DATABASE {name}" + (f" OWNER {owner}" if owner else ""))
 
 
 def stop(cluster: Path) -> None:

@@ -219,9 +219,7 @@ class Stack:
                     cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
                     verb = "ALTER" if cur.fetchone() else "CREATE"
                     cur.execute(f"{verb} ROLE {name} LOGIN PASSWORD %s", (self.secrets[secret],))
-                    cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-                    if cur.fetchone() is None:
-                        cur.execute(f"CREATE DATABASE {name} OWNER {name}")
+                    postgres.create_database(cur, name, owner=name)
         finally:
             conn.close()
 

@@ -1,3 +1,4 @@
+from itertools import pairwise
 from pathlib import Path
 
 from airflow.dag_processing.dagbag import DagBag
@@ -26,6 +27,6 @@ def test_ingest_dag_publishes_the_dataset_asset_only_after_validation():
     order = [t.task_id for t in dag.topological_sort()]
     assert order == ["enough_feedback", "stage_version", "validate_version", "publish_version"]
     # a chain: without enough feedback, the short circuit skips staging and validation too
-    assert all(dag.get_task(task).upstream_task_ids == {before} for before, task in zip(order, order[1:]))
+    assert all(dag.get_task(task).upstream_task_ids == {before} for before, task in pairwise(order))
     publish = dag.get_task("publish_version")
     assert [outlet.name for outlet in publish.outlets] == [TRAINING_DATASET_ASSET]

@@ -10,15 +10,21 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import boto3
+import httpx
+import mlflow
 import psutil
 import pytest
 
-from config import REPO_ROOT
+from config import REPO_ROOT, get_settings
+from stack import Stack
 from stack import secrets as stack_secrets
-from tests.support import free_port
+from tests.support import TINY_ENV, free_port
+
+ARTIFACTS = REPO_ROOT / "test-artifacts" / "stack"  # screenshots and timings, kept by CI
 
 
 def test_secrets_are_generated_once_and_readable_only_by_their_owner(tmp_path):
@@ -36,14 +42,15 @@ def stack_env(monkeypatch):
     """A fresh data directory and free ports (in /tmp: PostgreSQL runs as `postgres` when we are root)."""
     data = Path(tempfile.mkdtemp(prefix="insect-stack-"))
     os.chmod(data, 0o755)
-    ports = {"INSECT_STACK__POSTGRES_PORT": free_port(), "INSECT_STACK__S3_PORT": free_port(),
-             "INSECT_STACK__MLFLOW_PORT": free_port(), "INSECT_STACK__AIRFLOW_PORT": free_port(), "INSECT_SERVE__PORT": free_port()}
+    ports = {f"INSECT_STACK__{name}_PORT": free_port() for name in ("POSTGRES", "S3", "MLFLOW", "AIRFLOW", "REDIS", "WORKER_LOG")}
+    ports["INSECT_SERVE__PORT"] = free_port()
     env = {**os.environ, "INSECT_DATA_DIR": str(data / "data"), **{k: str(v) for k, v in ports.items()}}
     for key in ("MLFLOW_TRACKING_URI", "AIRFLOW_HOME"):
         env.pop(key, None)
     yield env, ports
     subprocess.run([sys.executable, "-m", "stack", "down"], env=env, cwd=REPO_ROOT, check=False)
     shutil.rmtree(data, ignore_errors=True)
+    get_settings.cache_clear()
 
 
 def make(target: str, env: dict) -> str:
@@ -69,28 +76,158 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def eventually(condition, timeout_s: float, what: str, stack_dir: Path):
+    """Poll until `condition()` returns something truthy; on timeout, show the scheduler's log end."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            log = (stack_dir / "logs" / "airflow-scheduler.log").read_text()[-3000:]
+            pytest.fail(f"{what}: not within {timeout_s:.0f} s. Scheduler log ends:\n{log}")
+        time.sleep(3)
+    return result
+
+
+def airflow_api(stack: Stack) -> httpx.Client:
+    """Airflow's REST API as the admin user, with a token from /auth/token."""
+    login = {"username": "admin", "password": stack.secrets["airflow_admin_password"]}
+    token = httpx.post(f"{stack.url('airflow')}/auth/token", json=login, timeout=30).raise_for_status().json()["access_token"]
+    return httpx.Client(base_url=f"{stack.url('airflow')}/api/v2", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+
+def dag_runs(stack: Stack, dag_id: str) -> list[dict]:
+    with airflow_api(stack) as api:
+        runs = sorted(api.get(f"/dags/{dag_id}/dagRuns").raise_for_status().json()["dag_runs"], key=lambda run: run["queued_at"])
+    failed = [run["dag_run_id"] for run in runs if run["state"] == "failed"]
+    assert not failed, f"{dag_id} failed: {failed} (task logs under {stack.logs / 'airflow'})"
+    return runs
+
+
+def served_version(bento_url: str) -> str | None:
+    try:
+        response = httpx.post(f"{bento_url}/model", timeout=30)
+    except httpx.HTTPError:
+        return None
+    return response.json()["version"] if response.status_code == 200 else None
+
+
+def tasks_done_by_workers(stack: Stack) -> dict[str, int]:
+    """How many Airflow tasks each Celery worker finished, from its own log."""
+    return {log.stem: log.read_text().count("succeeded in") for log in sorted(stack.logs.glob("airflow-worker-*.log"))}
+
+
 @pytest.mark.stack
 @pytest.mark.slow
-def test_up_is_idempotent_down_leaves_nothing_running_and_data_survives(stack_env):
+def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stack_env, tiny_dataset, monkeypatch, browser):
+    """Fresh data dir -> `make up` (CeleryExecutor, 2 workers) -> the scheduler trains the first
+    model (the retrain DAG's latest weekly slot, run when the DAG appears) -> users send feedback
+    to the Bento -> the scheduler's ingest run publishes a dataset version -> its Asset event runs
+    retrain -> a new version in the Postgres-backed MLflow server, artifacts in S3 -> a promotion
+    through MLflow's REST API is served without a restart -> both UIs in Chromium -> `make down`
+    leaves nothing running -> after `make up` again the registry and the buckets hold everything."""
     env, ports = stack_env
+    env.update(TINY_ENV, INSECT_DATASET_DIR=str(tiny_dataset), INSECT_FEEDBACK__INGEST_SCHEDULE="* * * * *",
+               INSECT_FEEDBACK__MIN_NEW_SAMPLES="4", INSECT_SERVE__RELOAD_INTERVAL_S="2",
+               INSECT_STACK__EXECUTOR="celery", INSECT_STACK__WORKERS="2",
+               INSECT_COMPILE__CUDA_ARCHS="[]")  # the CUDA cross-compile has a test of its own
+    for key, value in env.items():
+        if key.startswith("INSECT_"):
+            monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    stack = Stack(get_settings())
+    bento, name = stack.url("bento"), stack.settings.registered_model_name
+    ports["worker 2 log"] = ports["INSECT_STACK__WORKER_LOG_PORT"] + 1
+
+    started = time.monotonic()
     out = make("up", env)
+    timings = {"make up to healthy, s": round(time.monotonic() - started)}
     assert "all healthy" in out and "Airflow UI" in out and "password" in out
     assert "already running" in make("up", env)  # a second `make up` is harmless
-    secrets = json.loads((Path(env["INSECT_DATA_DIR"]) / "stack" / "secrets.json").read_text())
-    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{ports['INSECT_STACK__S3_PORT']}", region_name="us-east-1",
-                      aws_access_key_id=secrets["s3_access_key"], aws_secret_access_key=secrets["s3_secret_key"])
-    s3.put_object(Bucket="feedback", Key="kept.txt", Body=b"survives make down")
-    import mlflow
+    timings["stack resident memory, MiB"] = round(sum(p.memory_info().rss for p in stack_processes(env["INSECT_DATA_DIR"])) / 2**20)
 
-    client = mlflow.MlflowClient(f"http://127.0.0.1:{ports['INSECT_STACK__MLFLOW_PORT']}")
-    client.create_registered_model("survivor")
+    eventually(lambda: served_version(bento) == "1", 900, "the first model, served", stack.dir)
+    loop_started = time.monotonic()
+    feedback_round = subprocess.run([sys.executable, "scripts/feedback_round.py", "--url", bento, "--photos", "4"],
+                                    env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    assert feedback_round.returncode == 0, feedback_round.stderr
+
+    client = mlflow.MlflowClient(stack.url("mlflow"))
+    eventually(lambda: any(v.version == "2" for v in client.search_model_versions(f"name='{name}'")) and
+               all(run["state"] == "success" for run in dag_runs(stack, "retrain")), 900,
+               "a second version, retrained on the feedback", stack.dir)
+    timings["feedback to a new registered version, s"] = round(time.monotonic() - loop_started)
+    assert any(run["run_type"] == "scheduled" and run["state"] == "success" for run in dag_runs(stack, "ingest_feedback"))
+    assert [run["run_type"] for run in dag_runs(stack, "retrain")] == ["scheduled", "asset_triggered"]
+    done = tasks_done_by_workers(stack)
+    assert set(done) == {"airflow-worker-1", "airflow-worker-2"} and sum(done.values()) > 0, done
+    s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1",
+                      aws_access_key_id=stack.secrets["s3_access_key"], aws_secret_access_key=stack.secrets["s3_secret_key"])
+    assert any(obj["Key"].endswith(".so") for obj in s3.list_objects_v2(Bucket="mlflow")["Contents"])  # model artifacts
+    assert s3.list_objects_v2(Bucket="feedback")["KeyCount"] > 0  # the users' photos
+
+    target = "1" if client.get_model_version_by_alias(name, "champion").version == "2" else "2"
+    client.set_registered_model_alias(name, "champion", target)  # what the MLflow UI does, over REST
+    eventually(lambda: served_version(bento) == target, 120, f"v{target} served after its promotion", stack.dir)
+    see_the_uis(browser, stack, name)
 
     make("down", env)
     assert stack_processes(env["INSECT_DATA_DIR"]) == []
     assert [port for port in ports.values() if listening(port)] == []
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "timings.json").write_text(json.dumps(timings | {"tasks by worker": done}, indent=2))
 
     make("up", env)
-    assert s3.get_object(Bucket="feedback", Key="kept.txt")["Body"].read() == b"survives make down"
-    assert client.get_registered_model("survivor").name == "survivor"
+    assert len(client.search_model_versions(f"name='{name}'")) == 2
+    assert s3.list_objects_v2(Bucket="feedback")["KeyCount"] > 0
     make("down", env)
     assert stack_processes(env["INSECT_DATA_DIR"]) == []
+
+
+def see_the_uis(browser, stack: Stack, model_name: str) -> None:
+    """Log into Airflow's UI and open the retrain DAG's runs; open the model and its aliases in
+    MLflow's UI; a screenshot of each."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as shown
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+    def shows(xpath: str, screenshot: str) -> None:
+        try:
+            WebDriverWait(browser, 60).until(shown.presence_of_element_located((By.XPATH, xpath)))
+        finally:  # what the page showed, found or not
+            browser.save_screenshot(str(ARTIFACTS / screenshot))
+
+    browser.get(stack.url("airflow"))
+    shows("//input[@name='username']", "airflow-login.png")
+    browser.find_element(By.NAME, "username").send_keys("admin")
+    browser.find_element(By.NAME, "password").send_keys(stack.secrets["airflow_admin_password"])
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    WebDriverWait(browser, 60).until(lambda b: "/auth/login" not in b.current_url)
+    browser.get(f"{stack.url('airflow')}/dags/retrain/runs")
+    shows("//*[text()[contains(., 'asset_triggered__')]]", "airflow-retrain-runs.png")
+
+    browser.get(f"{stack.url('mlflow')}/#/models/{model_name}")
+    shows("//*[text()[contains(., 'champion')]]", "mlflow-model-aliases.png")  # the alias tag, "@ champion"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Debian's headless Chromium driven by its chromedriver (`make system-packages`)."""
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--window-size=1400,900",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
+    yield driver
+    driver.quit()
+
+
+def test_the_celery_executor_loads_with_the_locked_celery():
+    """Celery 5.7 dropped a name the Celery provider imports: the scheduler died at start."""
+    from airflow.providers.celery.executors.celery_executor import CeleryExecutor
+
+    assert CeleryExecutor.__name__ == "CeleryExecutor"
