@@ -100,6 +100,15 @@ class ServeConfig(BaseModel):
     max_latency_ms: int = 200
 
 
+class RetryConfig(BaseModel):
+    """Every DAG task's retries (Airflow's convention: a delay, growing exponentially). Failures
+    that waiting cannot heal, such as a dataset failing validation, fail at once without retry."""
+
+    retries: int = 2
+    delay_s: float = 60.0
+    max_delay_s: float = 900.0
+
+
 def _airflow_executor(name: str) -> str:
     """`make up EXECUTOR=celery` as well as Airflow's own class names."""
     return {"local": "LocalExecutor", "celery": "CeleryExecutor"}.get(str(name).lower(), name)
@@ -144,6 +153,7 @@ class Settings(BaseSettings):
     feedback: FeedbackConfig = FeedbackConfig()
     serve: ServeConfig = ServeConfig()
     stack: StackConfig = StackConfig()
+    retry: RetryConfig = RetryConfig()
 
     @property
     def resolved_dataset_dir(self) -> Path:

@@ -17,6 +17,7 @@ import pendulum
 from airflow.sdk import Asset, dag, task
 
 from config import TRAINING_DATASET_ASSET, get_settings
+from plugins.task_policy import default_args
 
 training_dataset = Asset(TRAINING_DATASET_ASSET)
 
@@ -26,6 +27,7 @@ training_dataset = Asset(TRAINING_DATASET_ASSET)
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    default_args=default_args(get_settings()),
     tags=["insect", "feedback"],
     doc_md=__doc__,
 )

@@ -18,6 +18,7 @@ import pendulum
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 
 from config import TRAINING_DATASET_ASSET, get_settings
+from plugins.task_policy import default_args
 
 
 @dag(
@@ -26,6 +27,7 @@ from config import TRAINING_DATASET_ASSET, get_settings
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    default_args=default_args(get_settings()),
     tags=["insect", "training"],
     doc_md=__doc__,
 )

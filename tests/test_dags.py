@@ -1,9 +1,12 @@
+import logging
 from itertools import pairwise
 from pathlib import Path
+from types import SimpleNamespace
 
 from airflow.dag_processing.dagbag import DagBag
 
-from config import TRAINING_DATASET_ASSET
+from config import TRAINING_DATASET_ASSET, get_settings
+from plugins.task_policy import report_failure
 
 DAGS = Path(__file__).resolve().parent.parent / "dags"
 
@@ -30,3 +33,20 @@ def test_ingest_dag_publishes_the_dataset_asset_only_after_validation():
     assert all(dag.get_task(task).upstream_task_ids == {before} for before, task in pairwise(order))
     publish = dag.get_task("publish_version")
     assert [outlet.name for outlet in publish.outlets] == [TRAINING_DATASET_ASSET]
+
+
+def test_every_task_retries_with_a_growing_delay_and_reports_its_failure():
+    settings = get_settings()
+    for dag in _bag().dags.values():
+        for task in dag.tasks:
+            assert task.retries == settings.retry.retries, task.task_id
+            assert task.retry_exponential_backoff and task.retry_delay.total_seconds() == settings.retry.delay_s
+            assert report_failure in task.on_failure_callback
+
+
+def test_failure_report_names_the_task_the_run_the_tries_and_the_error(caplog):
+    ti = SimpleNamespace(dag_id="retrain", task_id="train", run_id="scheduled__x", try_number=3)
+    with caplog.at_level(logging.ERROR):
+        report_failure({"ti": ti, "task": SimpleNamespace(retries=2), "exception": RuntimeError("out of memory")})
+    assert "TASK FAILED: retrain.train in run scheduled__x, try 3 of 3: RuntimeError('out of memory')" in caplog.text
+

@@ -1,3 +1,5 @@
+import json
+
 import mlflow
 import numpy as np
 import pytest
@@ -47,3 +49,17 @@ def test_two_processes_through_the_deepspeed_launcher_follow_the_single_process_
         single, double = np.array(curves[1][stage]), np.array(curves[2][stage])
         assert len(single) == len(double) == 3, curves
         assert np.all(np.abs(double - single) <= LOSS_CURVE_TOLERANCE * single), curves
+
+
+@pytest.mark.slow
+def test_zero3_shards_train_into_a_whole_classifier(settings, tmp_path):
+    """ZeRO-3 leaves each rank a slice of every weight: the classifier written must be whole."""
+    zero3 = json.loads(settings.train.deepspeed_config.read_text()) | {"zero_optimization": {"stage": 3}}
+    (tmp_path / "zero3.json").write_text(json.dumps(zero3))
+    train_cfg = settings.train.model_copy(update={"world_size": 2, "deepspeed_config": tmp_path / "zero3.json", "master_port": free_port()})
+    with tracked_run(settings):
+        result = train(settings.model_copy(update={"train": train_cfg}), settings.resolved_dataset_dir, tmp_path / "out")
+    trained = torch.load(result.model_path, weights_only=False)
+    fresh = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), read_classes(settings.resolved_dataset_dir))
+    assert [p.shape for p in trained.visual.parameters()] == [p.shape for p in fresh.visual.parameters()]
+    assert trained(torch.zeros(1, 3, trained.image_size, trained.image_size)).shape == (1, len(trained.classes))

@@ -111,7 +111,7 @@ def fit(model: torch.nn.Module, loader: DataLoader, loss_fn: LossFn, score_fn: S
     """Train with early stopping on `score_fn`; the best epoch's weights are restored from its
     DeepSpeed checkpoint. Returns (best score, epochs run). Metrics go to the active MLflow run."""
     steps_per_epoch = min(len(loader), cfg.max_steps_per_epoch or len(loader))
-    own_attributes = {id(p): set(vars(p)) for p in model.parameters()}
+    own_attributes = {id(obj): set(vars(obj)) for obj in [*model.parameters(), *model.modules()]}
     engine = deepspeed_engine(model, cfg, steps_per_epoch * epochs)
     best, best_epoch, epoch = -float("inf"), -1, 0
     for epoch in range(epochs):
@@ -142,14 +142,26 @@ def fit(model: torch.nn.Module, loader: DataLoader, loss_fn: LossFn, score_fn: S
 
 def _release(engine, own_attributes: dict[int, set[str]]) -> None:
     """Detach DeepSpeed from the module, leaving a plain one behind (picklable, exportable): drop
-    its forward hooks and the attributes ZeRO hung on each parameter (process groups among them)."""
+    its forward hooks and the attributes ZeRO hung on each parameter and submodule (process groups
+    and hook classes among them).
+    Under ZeRO-3 each rank holds a slice of every weight: gather them whole first."""
+    whole = None
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            whole = [p.data.detach().clone().float() for p in params]
     engine.destroy()
+    if whole is not None:
+        for param, data in zip(engine.module.parameters(), whole, strict=True):
+            param.data = data
     for hook in (engine.module_forward_pre_hook, engine.module_forward_post_hook):
         if hook is not None:
             hook.remove()
-    for param in engine.module.parameters():
-        for key in set(vars(param)) - own_attributes.get(id(param), set()):
-            delattr(param, key)
+    for obj in [*engine.module.parameters(), *engine.module.modules()]:
+        for key in set(vars(obj)) - own_attributes.get(id(obj), set()):
+            delattr(obj, key)
 
 
 def _caption_collate(classes: list[str], tokenize, rng: random.Random):
