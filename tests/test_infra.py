@@ -37,10 +37,6 @@ def _settings_field_exists(variable: str) -> bool:
     return True
 
 
-def _executable(command: list[str]) -> str:
-    return command[0] if command[0] not in {"/bin/bash", "/bin/sh"} else "bash"
-
-
 def test_our_services_run_from_the_project_image_with_commands_from_its_environment():
     assert (REPO / COMPOSE["x-insect-image"]["build"]["context"] / COMPOSE["x-insect-image"]["build"]["dockerfile"]).is_file()
     assert "ENV PATH=/app/.venv/bin:$PATH" in (REPO / "infra" / "Dockerfile").read_text()

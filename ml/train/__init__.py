@@ -57,8 +57,12 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return _rank() == 0
 
 
 def _log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -79,7 +83,7 @@ def _loader(dataset: Dataset, cfg: TrainConfig, **kwargs) -> DataLoader:
     ranks' batches together hold the images one process would batch at that step: the sampler
     deals out one seeded permutation round-robin."""
     world = _world_size()
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=int(os.environ.get("RANK", "0")), seed=cfg.seed, drop_last=True)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=_rank(), seed=cfg.seed, drop_last=True)
     return DataLoader(dataset, batch_size=max(1, cfg.batch_size // world), sampler=sampler, drop_last=True, **kwargs)
 
 
@@ -186,7 +190,7 @@ def pretrain_coca(settings: Settings, dataset_dir: Path, checkpoint_dir: Path):
     coca_loss = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)  # open_clip's CoCa recipe
     # across ranks, every image is contrasted with every caption of the global batch, as in one process
     global_coca_loss = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, gather_with_grad=True,
-                                rank=int(os.environ.get("RANK", "0")), world_size=_world_size())
+                                rank=_rank(), world_size=_world_size())
 
     def loss_fn(engine, batch):
         images, texts = batch
