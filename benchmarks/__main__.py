@@ -36,7 +36,8 @@ def newest_run_dir(work_dir: Path) -> Path:
 
 def main(run_dir: Annotated[Path | None, typer.Option(help="a retraining run's work dir (train/, prune/)")] = None,
          batches: Annotated[list[int], typer.Option("--batch", help="batch sizes")] = [1, 8],  # noqa: B006
-         iterations: Annotated[int, typer.Option(help="timed calls per measurement")] = 200,
+         iterations: Annotated[int, typer.Option(help="timed calls per measurement")] = 1000,
+         rounds: Annotated[int, typer.Option(help="alternating blocks the timed calls are split into")] = 20,
          out: Annotated[Path, typer.Option(help="where the report and plot go")] = HERE) -> None:
     settings = get_settings()
     run_dir = run_dir or newest_run_dir(settings.work_dir)
@@ -61,10 +62,10 @@ def main(run_dir: Annotated[Path | None, typer.Option(help="a retraining run's w
                     max_diff = float(np.abs(run(x) - reference).max())
                     time_calls(run, x, iterations // 10)
                 prepared[runtime] = run, memory.peak_mib, max_diff, time.perf_counter() - started
-            seconds = time_interleaved({runtime: run for runtime, (run, *_) in prepared.items()}, x, iterations)
+            seconds = time_interleaved({runtime: run for runtime, (run, *_) in prepared.items()}, x, iterations, rounds)
             for runtime, (_, peak_mib, max_diff, setup_s) in prepared.items():
                 timing = Timing(name, runtime, batch, seconds[runtime], peak_mib, quality[name]["flops"] * batch / 1e9,
-                                max_diff, setup_s)
+                                max_diff, setup_s, rounds)
                 typer.echo(timing.line())
                 timings.append(timing)
     write_report(out, timings, quality, peak, run_dir)

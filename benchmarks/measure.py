@@ -23,6 +23,11 @@ class Timing:
     gflop_per_call: float
     max_abs_diff: float  # against eager PyTorch on the same input
     setup_s: float  # export, compile or tuning, plus the timed calls
+    rounds: int = 1  # `seconds` holds this many equal blocks, timed in alternation with the other runtimes
+
+    @property
+    def round_medians_ms(self) -> np.ndarray:
+        return np.median(self.seconds.reshape(self.rounds, -1), axis=1) * 1e3
 
     @property
     def median_ms(self) -> float:

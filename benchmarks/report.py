@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import psutil
 import torch
 
@@ -61,8 +62,29 @@ def write_report(out: Path, timings: list[Timing], quality: dict[str, dict], pea
         "",
         "![latency](latency.png)",
         "",
+        *_head_to_head(timings, "tvm", "onnxruntime"),
     ]
     (out / "REPORT.md").write_text("\n".join(lines))
+
+
+def _head_to_head(timings: list[Timing], runtime: str, rival: str) -> list[str]:
+    """Round-by-round ratios of two runtimes' median latencies: each round timed both within a
+    few seconds, so a neighbour's load drifting over minutes cancels out of the ratio."""
+    by_key = {(t.model, t.batch, t.runtime): t for t in timings}
+    pairs = [(by_key[(t.model, t.batch, runtime)], t) for t in timings
+             if t.runtime == rival and (t.model, t.batch, runtime) in by_key]
+    if not pairs:
+        return []
+    lines = [f"## {runtime} against {rival}, round by round", "",
+             (f"Each round times every runtime in turn; the ratio is {runtime}'s median over {rival}'s in the same round "
+              "(below 1: faster)."), "",
+             f"| model | batch | rounds {runtime} was faster | median ratio | middle half of the ratios |", "|---|---|---|---|---|"]
+    for ours, theirs in pairs:
+        ratios = ours.round_medians_ms / theirs.round_medians_ms
+        low, high = np.percentile(ratios, [25, 75])
+        lines.append(f"| {ours.model} | {ours.batch} | {int((ratios < 1).sum())} of {len(ratios)} | "
+                     f"{np.median(ratios):.2f} | {low:.2f}–{high:.2f} |")
+    return [*lines, ""]
 
 
 def _plot(path: Path, timings: list[Timing]) -> None:

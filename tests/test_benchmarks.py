@@ -39,3 +39,14 @@ def test_interleaved_timing_alternates_between_runtimes():
     seconds = time_interleaved(runs, np.zeros(1), iterations=20, rounds=5)
     assert {name: len(times) for name, times in seconds.items()} == {"a": 20, "b": 20}
     assert calls[:6] == ["a"] * 6 and calls[6:12] == ["b"] * 6 and calls[12:18] == ["a"] * 6  # 2 warm-up + 4 timed per block
+
+
+def test_report_compares_tvm_with_onnx_runtime_round_by_round(tmp_path):
+    def timing(runtime, round_ms):  # 2 calls per round
+        return Timing("pruned", runtime, 1, np.repeat(np.array(round_ms) / 1e3, 2), 1.0, 0.15, 0.0, 1.0, rounds=len(round_ms))
+
+    # ONNX Runtime's rounds drift from 2 to 4 ms; TVM is faster in 3 of the 4 same-round pairs
+    timings = [timing("eager", [5, 5, 5, 5]), timing("onnxruntime", [2, 3, 4, 4]), timing("tvm", [1.8, 2.7, 4.4, 3.6])]
+    quality = {name: {"flops": 1e8, "params": 1e6, "top1": 0.9, "top5": 1.0, "macro_f1": 0.9} for name in ("unpruned", "pruned")}
+    write_report(tmp_path, timings, quality, peak_gflops=300.0, run_dir=tmp_path)
+    assert "| pruned | 1 | 3 of 4 | 0.90 | 0.90–0.95 |" in (tmp_path / "REPORT.md").read_text()

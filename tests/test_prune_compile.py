@@ -25,7 +25,8 @@ from ml.compile.tuning import SHIPPED_RECORDS, new_tasks
 from ml.model import SelfAttention, SpeciesClassifier, build_coca
 from ml.prune import count_flops, make_heads_prunable, prune_structure
 from ml.runtime import CompiledClassifier
-from ml.train import distillation_loss
+from ml.train import distillation_loss, recovery_finetune
+from registry.tracking import run as tracked_run
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,19 @@ def test_pruning_removes_mlp_channels_and_heads_and_keeps_the_model_working(tiny
     assert flops_after < 0.6 * flops_before and params_after < params_before
     assert model(torch.rand(2, 3, 64, 64)).shape == (2, 4)
     assert all(p.grad is None for p in model.parameters())  # Taylor's gradients are not left behind
+
+
+def test_recovery_finetune_gives_the_same_weights_whatever_the_random_state(tiny_model, tiny_dataset, settings, tmp_path):
+    cfg = settings.prune.model_copy(update={"finetune_epochs": 1})
+    weights = []
+    for attempt in range(2):
+        torch.rand(attempt + 1)  # the process's random state differs between the two
+        model = copy.deepcopy(tiny_model)
+        prune_structure(model, cfg)
+        with tracked_run(settings):
+            recovery_finetune(model, tiny_model, tiny_dataset, settings, cfg, tmp_path / str(attempt))
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
 def test_distillation_loss_is_zero_only_when_the_student_matches_the_teacher():

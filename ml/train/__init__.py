@@ -302,6 +302,7 @@ def _launch(settings: Settings, dataset_dir: Path, out_dir: Path) -> TrainResult
 def recovery_finetune(model: SpeciesClassifier, teacher: torch.nn.Module, dataset_dir: Path, settings: Settings,
                       cfg: PruneConfig, out_dir: Path) -> None:
     """A short fine-tune after pruning, distilled from the unpruned `teacher`."""
+    seed_everything(settings.train.seed)  # the same pruned weights from the same inputs, in any process
     finetune_classifier(model, dataset_dir, settings.train.model_copy(update={"lr": settings.train.lr / 3}),
                         epochs=cfg.finetune_epochs, stage="prune_finetune", checkpoint_dir=out_dir / "checkpoints",
                         teacher=teacher)
