@@ -8,10 +8,12 @@ accuracy of both models. Writes benchmarks/REPORT.md and benchmarks/latency.png.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
 
+import mlflow
 import numpy as np
 import torch
 import typer
@@ -19,10 +21,10 @@ import typer
 from benchmarks.measure import Timing, matmul_peak_gflops, peak_rss_during, time_calls, time_interleaved
 from benchmarks.report import write_report
 from benchmarks.runtimes import RUNTIMES
-from config import get_settings
+from config import Settings, get_settings
 from ml.data.versions import current_dataset
 from ml.evaluate import evaluate, torch_predict_fn
-from ml.prune import count_flops, load_model
+from ml.prune import count_flops, load_model, prune
 
 HERE = Path(__file__).parent
 
@@ -34,10 +36,29 @@ def newest_run_dir(work_dir: Path) -> Path:
     return max(runs, key=lambda p: (p / "prune" / "pruned.pt").stat().st_mtime)
 
 
+def pruned_top1_by_seed(run_dir: Path, dataset: Path, settings: Settings, seeds: list[int]) -> dict[int, float]:
+    """Test top-1 of the run's unpruned model pruned again, one recovery fine-tune per seed: how
+    much of the pruning result is the seed's luck. Logged to a throwaway MLflow store."""
+    top1, tracking_uri = {}, mlflow.get_tracking_uri()
+    with tempfile.TemporaryDirectory() as scratch:
+        mlflow.set_tracking_uri(f"sqlite:///{scratch}/mlflow.db")
+        try:
+            for seed in seeds:
+                seeded = settings.model_copy(update={"train": settings.train.model_copy(update={"seed": seed})})
+                with mlflow.start_run():
+                    pruned = prune(run_dir / "train" / "classifier.pt", dataset, seeded, Path(scratch) / str(seed))
+                model = load_model(pruned.model_path).eval()
+                top1[seed] = evaluate(torch_predict_fn(model), dataset, model.classes, model.image_size)["top1"]
+        finally:
+            mlflow.set_tracking_uri(tracking_uri)
+    return top1
+
+
 def main(run_dir: Annotated[Path | None, typer.Option(help="a retraining run's work dir (train/, prune/)")] = None,
          batches: Annotated[list[int], typer.Option("--batch", help="batch sizes")] = [1, 8],  # noqa: B006
          iterations: Annotated[int, typer.Option(help="timed calls per measurement")] = 1000,
          rounds: Annotated[int, typer.Option(help="alternating blocks the timed calls are split into")] = 20,
+         prune_seeds: Annotated[list[int], typer.Option("--prune-seed", help="prune again with these recovery seeds")] = [],  # noqa: B006
          out: Annotated[Path, typer.Option(help="where the report and plot go")] = HERE) -> None:
     settings = get_settings()
     run_dir = run_dir or newest_run_dir(settings.work_dir)
@@ -68,7 +89,7 @@ def main(run_dir: Annotated[Path | None, typer.Option(help="a retraining run's w
                                 max_diff, setup_s, rounds)
                 typer.echo(timing.line())
                 timings.append(timing)
-    write_report(out, timings, quality, peak, run_dir)
+    write_report(out, timings, quality, peak, run_dir, pruned_top1_by_seed(run_dir, dataset, settings, prune_seeds))
     typer.echo(f"report: {out / 'REPORT.md'}")
 
 

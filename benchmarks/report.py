@@ -22,7 +22,8 @@ def _speedups(timings: list[Timing]) -> dict[tuple[str, int, str], float]:
     return {(t.model, t.batch, t.runtime): eager[(t.model, t.batch)] / t.median_ms for t in timings}
 
 
-def write_report(out: Path, timings: list[Timing], quality: dict[str, dict], peak_gflops: float, run_dir: Path) -> None:
+def write_report(out: Path, timings: list[Timing], quality: dict[str, dict], peak_gflops: float, run_dir: Path,
+                 pruned_top1_by_seed: dict[int, float] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _plot(out / "latency.png", timings)
     speedup = _speedups(timings)
@@ -47,6 +48,7 @@ def write_report(out: Path, timings: list[Timing], quality: dict[str, dict], pea
         (f"FLOPs: **{1 - after['flops'] / before['flops']:.1%} fewer**; test top-1 "
         f"{'lost' if after['top1'] < before['top1'] else 'gained'} **{abs(before['top1'] - after['top1']) * 100:.1f} points**."),
         "",
+        *_seed_spread(before["top1"], pruned_top1_by_seed or {}),
         "## Latency, throughput, memory",
         "",
         (f"FLOPs count 2 per multiply-add (torch's FLOP counter: matmuls, convolution, attention); this CPU's measured fp32 peak (2048² matmul through PyTorch's BLAS) is "
@@ -65,6 +67,15 @@ def write_report(out: Path, timings: list[Timing], quality: dict[str, dict], pea
         *_head_to_head(timings, "tvm", "onnxruntime"),
     ]
     (out / "REPORT.md").write_text("\n".join(lines))
+
+
+def _seed_spread(unpruned_top1: float, pruned_top1_by_seed: dict[int, float]) -> list[str]:
+    if not pruned_top1_by_seed:
+        return []
+    lost = {seed: (unpruned_top1 - top1) * 100 for seed, top1 in pruned_top1_by_seed.items()}
+    return [(f"Pruned again from the same unpruned model, one recovery fine-tune per seed (`--prune-seed`): test top-1 "
+             f"lost {', '.join(f'{points:+.1f} (seed {seed})' for seed, points in lost.items())} points; "
+             f"the worst seed lost **{max(lost.values()):.1f}**, the mean {np.mean(list(lost.values())):.1f}."), ""]
 
 
 def _head_to_head(timings: list[Timing], runtime: str, rival: str) -> list[str]:

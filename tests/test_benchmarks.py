@@ -1,9 +1,14 @@
 """The benchmark's measurements and report (the full run is `python -m benchmarks`)."""
 
+import mlflow
 import numpy as np
+import torch
 
+from benchmarks.__main__ import pruned_top1_by_seed
 from benchmarks.measure import Timing, peak_rss_during, time_calls, time_interleaved
 from benchmarks.report import write_report
+from ml.data import read_classes
+from ml.model import SpeciesClassifier, build_coca
 
 
 def test_time_calls_times_every_call_after_warmup():
@@ -26,9 +31,10 @@ def test_report_tables_speedups_against_eager_and_draws_the_plot(tmp_path):
     timings = [timing(m, r, ms) for m in ("unpruned", "pruned") for r, ms in (("eager", 4.0), ("tvm", 2.0))]
     quality = {"unpruned": {"flops": 200e6, "params": 2e6, "top1": 0.90, "top5": 1.0, "macro_f1": 0.9},
                "pruned": {"flops": 120e6, "params": 1e6, "top1": 0.89, "top5": 1.0, "macro_f1": 0.88}}
-    write_report(tmp_path, timings, quality, peak_gflops=300.0, run_dir=tmp_path)
+    write_report(tmp_path, timings, quality, peak_gflops=300.0, run_dir=tmp_path, pruned_top1_by_seed={0: 0.89, 1: 0.91})
     report = (tmp_path / "REPORT.md").read_text()
     assert "**40.0% fewer**" in report and "lost **1.0 points**" in report
+    assert "lost +1.0 (seed 0), -1.0 (seed 1) points; the worst seed lost **1.0**, the mean 0.0." in report
     assert "| unpruned | 1 | tvm | 2.000 | 2.000 | 500 | 2.00× |" in report
     assert (tmp_path / "latency.png").stat().st_size > 0
 
@@ -50,3 +56,15 @@ def test_report_compares_tvm_with_onnx_runtime_round_by_round(tmp_path):
     quality = {name: {"flops": 1e8, "params": 1e6, "top1": 0.9, "top5": 1.0, "macro_f1": 0.9} for name in ("unpruned", "pruned")}
     write_report(tmp_path, timings, quality, peak_gflops=300.0, run_dir=tmp_path)
     assert "| pruned | 1 | 3 of 4 | 0.90 | 0.90–0.95 |" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_pruning_again_per_seed_scores_each_seed_and_leaves_mlflow_where_it_was(settings, tmp_path):
+    torch.manual_seed(0)
+    model = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), read_classes(settings.resolved_dataset_dir))
+    (tmp_path / "train").mkdir()
+    torch.save(model, tmp_path / "train" / "classifier.pt")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mine.db'}")
+    top1 = pruned_top1_by_seed(tmp_path, settings.resolved_dataset_dir, settings, [0, 1])
+    assert set(top1) == {0, 1} and all(0.0 <= score <= 1.0 for score in top1.values())
+    assert pruned_top1_by_seed(tmp_path, settings.resolved_dataset_dir, settings, [1]) == {1: top1[1]}  # seeded
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'mine.db'}"
