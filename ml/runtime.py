@@ -37,17 +37,27 @@ class CompiledClassifier:
         from tvm import relax
 
         claim_tvm_threads()
-        self._tvm = tvm
-        self._vms = {size: relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
-                     for size, path in sorted(libraries.items())}
+        self._from_dlpack = tvm.runtime.from_dlpack
+        # looked up once: a lookup per call costs as much as several of the small model's kernels
+        self._mains = {size: relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())["main"]
+                       for size, path in sorted(libraries.items())}
 
     def _run(self, chunk: np.ndarray) -> np.ndarray:
-        size = next((s for s in self._vms if s >= len(chunk)), max(self._vms))
-        padded = np.zeros((size, *chunk.shape[1:]), np.float32)
+        size = next((s for s in self._mains if s >= len(chunk)), max(self._mains))
+        padded = aligned_zeros((size, *chunk.shape[1:]))
         padded[: len(chunk)] = chunk
-        outputs = self._vms[size]["main"](self._tvm.runtime.tensor(padded))
+        outputs = self._mains[size](self._from_dlpack(padded))  # no copy: TVM reads the array itself
         return outputs[0].numpy()[: len(chunk)]  # the exported program returns a one-element tuple
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        step = max(self._vms)
+        step = max(self._mains)
         return np.concatenate([self._run(batch[i:i + step]) for i in range(0, len(batch), step)])
+
+
+def aligned_zeros(shape: tuple[int, ...], alignment: int = 64) -> np.ndarray:
+    """float32 zeros starting on an `alignment`-byte boundary: TVM's kernels assume 64, and take
+    only such arrays without a copy (numpy aligns to 16)."""
+    count = int(np.prod(shape))
+    buffer = np.zeros(count + alignment // 4, np.float32)
+    offset = (-buffer.ctypes.data % alignment) // 4
+    return buffer[offset:offset + count].reshape(shape)

@@ -24,7 +24,7 @@ from ml.compile import (
 from ml.compile.tuning import SHIPPED_RECORDS, new_tasks
 from ml.model import SelfAttention, SpeciesClassifier, build_coca
 from ml.prune import count_flops, make_heads_prunable, prune_structure
-from ml.runtime import CompiledClassifier
+from ml.runtime import CompiledClassifier, aligned_zeros
 from ml.train import distillation_loss, recovery_finetune
 from registry.tracking import run as tracked_run
 
@@ -86,6 +86,16 @@ def test_pruned_model_compiles_and_matches_eager(tiny_model, tiny_dataset, tmp_p
     compiled = CompiledClassifier({1: build_static(model.eval(), 1, untuned, tmp_path / "tuning", tmp_path / "b1.so")})
     max_diff, agreement = check_parity(model, compiled, tiny_dataset, settings.compile)
     assert max_diff < 1e-4 and agreement == 1.0
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 64, 64), (3, 3, 7, 5), (1,)])
+def test_aligned_zeros_start_where_tvm_takes_them_without_a_copy(shape):
+    import tvm
+
+    images = aligned_zeros(shape)
+    assert images.shape == shape and images.dtype == np.float32 and not images.any()
+    assert images.ctypes.data % 64 == 0
+    tvm.runtime.from_dlpack(images)  # refuses arrays that are not 64-byte aligned
 
 
 def test_tvm_llvm_build_matches_eager(tiny_model, tiny_dataset, tmp_path, settings):
