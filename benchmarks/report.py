@@ -45,8 +45,7 @@ def write_report(out: Path, timings: list[Timing], quality: dict[str, dict], pea
         *(f"| {name} | {q['flops'] / 1e6:.1f} M | {q['params'] / 1e6:.2f} M | {q['top1']:.3f} | {q['top5']:.3f} | {q['macro_f1']:.3f} |"
           for name, q in quality.items()),
         "",
-        (f"FLOPs: **{1 - after['flops'] / before['flops']:.1%} fewer**; test top-1 "
-        f"{'lost' if after['top1'] < before['top1'] else 'gained'} **{abs(before['top1'] - after['top1']) * 100:.1f} points**."),
+        f"FLOPs: **{1 - after['flops'] / before['flops']:.1%} fewer**; test top-1 {_top1_change(before['top1'], after['top1'])}.",
         "",
         *_seed_spread(before["top1"], pruned_top1_by_seed or {}),
         "## Latency, throughput, memory",
@@ -67,6 +66,13 @@ def write_report(out: Path, timings: list[Timing], quality: dict[str, dict], pea
         *_head_to_head(timings, "tvm", "onnxruntime"),
     ]
     (out / "REPORT.md").write_text("\n".join(lines))
+
+
+def _top1_change(before: float, after: float) -> str:
+    points = round((after - before) * 100, 1)
+    if points == 0:
+        return "**unchanged**"
+    return f"{'gained' if points > 0 else 'lost'} **{abs(points):.1f} points**"
 
 
 def _seed_spread(unpruned_top1: float, pruned_top1_by_seed: dict[int, float]) -> list[str]:

@@ -25,15 +25,6 @@ def pytest_configure(config):
         os.environ.pop(key, None)
 
 
-@pytest.fixture(autouse=True)
-def no_inherited_distributed_variables(monkeypatch):
-    """Training in this process makes it rank 0 of 1 through torch.distributed's variables, and its
-    store keeps MASTER_PORT bound: a later test's subprocess (Airflow, the stack) that trained
-    with them inherited would find the port taken."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-
-
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     return generate_synthetic(tmp_path_factory.mktemp("dataset"), SyntheticDataConfig(num_classes=4, images_per_class=10))

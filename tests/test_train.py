@@ -1,4 +1,5 @@
 import json
+import os
 
 import mlflow
 import numpy as np
@@ -11,10 +12,13 @@ from ml.train import finetune_classifier, train
 from registry.tracking import run as tracked_run
 from tests.support import free_port
 
+DISTRIBUTED_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 LOSS_CURVE_TOLERANCE = 0.10  # relative, per epoch (measured: at most 5.8%): augmentation draws differ per rank
 
 
-def test_training_steps_through_deepspeed(settings, tmp_path):
+def test_training_steps_through_deepspeed(settings, tmp_path, monkeypatch):
+    for key in DISTRIBUTED_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
     model = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), read_classes(settings.resolved_dataset_dir))
     before = model.head.weight.detach().clone()
     cfg = settings.train.model_copy(update={"max_steps_per_epoch": 2})
@@ -26,6 +30,8 @@ def test_training_steps_through_deepspeed(settings, tmp_path):
     assert (tmp_path / "ckpt" / "smoke-best").is_dir()  # DeepSpeed checkpoint written
     assert "smoke_train_loss" in mlflow.get_run(run.info.run_id).data.metrics
     torch.save(model, tmp_path / "plain.pt")  # DeepSpeed's hooks are gone: the module pickles
+    # this process's store keeps MASTER_PORT bound: a subprocess that trains must not inherit it
+    assert not DISTRIBUTED_VARIABLES & set(os.environ)
 
 
 @pytest.mark.slow

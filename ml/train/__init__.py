@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,13 +45,20 @@ class TrainResult:
     epochs_run: int
 
 
-def _distributed_defaults() -> None:
-    """Let plain `python` act as rank 0 of 1; the deepspeed launcher sets these itself."""
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+@contextmanager
+def _single_process_rank():
+    """Let plain `python` act as rank 0 of 1 while DeepSpeed sets up (the deepspeed launcher sets
+    these itself). They are removed again: this process's store keeps MASTER_PORT bound, and a
+    subprocess that trains, started later, must not inherit it."""
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    added = {key: value for key, value in defaults.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def _world_size() -> int:
@@ -95,7 +103,8 @@ def seed_everything(seed: int) -> None:
 
 def deepspeed_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
     """A DeepSpeed engine for `model`, with batch size, learning rate and schedule from `cfg`."""
-    _distributed_defaults()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed  # late: importing it picks the accelerator from the environment set above
 
     ds_config = json.loads(Path(cfg.deepspeed_config).read_text())
@@ -104,9 +113,10 @@ def deepspeed_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int)
     if "scheduler" in ds_config:
         ds_config["scheduler"]["params"]["total_num_steps"] = max(1, total_steps)
         ds_config["scheduler"]["params"]["warmup_num_steps"] = max(1, min(total_steps // 10, 100))
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
-    )
+    with _single_process_rank():
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
+        )
     return engine
 
 
