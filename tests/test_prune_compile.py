@@ -121,6 +121,19 @@ def test_compiled_classifier_runs_tvm_on_every_physical_core(tiny_model, tmp_pat
     assert int(out.stdout.split()[-1]) == psutil.cpu_count(logical=False)
 
 
+def test_only_kernels_with_weights_get_layout_free_buffers(tiny_model):
+    """Weights may be prepacked into the order a schedule reads them; a kernel without weights keeps
+    its plain form, so records tuned before prepacking still match it."""
+    import tvm
+
+    kernels = fused_kernels(to_relax(export(tiny_model, 1)), host_tvm_target())
+    prim_funcs = {gvar.name_hint: func for gvar, func in kernels.functions.items() if isinstance(func, tvm.tirx.PrimFunc)}
+    marked = {name for name, func in prim_funcs.items() if "layout_free_buffers" in func.attrs}
+    assert all(list(prim_funcs[name].attrs["layout_free_buffers"]) for name in marked)
+    assert any(name.startswith("fused_matmul") for name in marked) and any(name.startswith("conv2d") for name in marked)
+    assert any(name.startswith("reshape") for name in set(prim_funcs) - marked)
+
+
 @pytest.mark.slow
 def test_tuning_records_are_kept_and_reused_for_the_same_shapes(tiny_model, tmp_path, settings):
     cfg = settings.compile.model_copy(update={"tuning_trials": 16})
@@ -131,10 +144,26 @@ def test_tuning_records_are_kept_and_reused_for_the_same_shapes(tiny_model, tmp_
     x = np.random.default_rng(1).random((1, 3, 64, 64), dtype=np.float32)
     with torch.inference_mode():
         assert np.abs(CompiledClassifier({1: library})(x) - tiny_model(torch.from_numpy(x)).numpy()).max() < 1e-4
+    kernels = {gvar.name_hint for gvar in fused_kernels(to_relax(export(tiny_model, 1)), host_tvm_target()).get_global_vars()}
+    called = kernels_called(library, x)
+    assert any(name.endswith("_prepacked") for name in called)  # tuned kernels read their weights prepacked
+    assert {name.removesuffix("_prepacked") for name in called} <= kernels  # no weight rewrite runs per call
     torch.manual_seed(1)  # a retrained model: other weights, same shapes
     retrained = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), ["a", "b", "c", "d"]).eval()
     build_static(retrained, 1, cfg, tuning, tmp_path / "again.so")
     assert (tuning / "database_tuning_record.json").read_text() == records  # nothing tuned the second time
+
+
+def kernels_called(library, x: np.ndarray) -> set[str]:
+    """The TIR kernels one call of the library's `main` runs."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+    called = set()
+    vm.set_instrument(lambda func, symbol, before_run, *rest: called.add(str(symbol)) or 0)
+    vm["main"](tvm.runtime.tensor(x))
+    return {name for name in called if not name.startswith("vm.builtin.")}
 
 
 def test_shipped_records_cover_every_kernel_of_the_default_pruned_model():

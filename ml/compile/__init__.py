@@ -80,24 +80,35 @@ def host_tvm_target():
 
 
 def fused_kernels(mod, target):
-    """The module after Relax's fusion: its PrimFuncs are the kernels MetaSchedule tunes."""
+    """The module after Relax's fusion, its weights marked layout-free: the PrimFuncs are the
+    kernels MetaSchedule tunes, and each may store its weights in the tiled order it reads them
+    (TVM's CPU weight prepacking)."""
+    import tvm
     from tvm import relax
 
     with target:
-        return relax.get_pipeline("zero")(mod)
+        kernels = relax.transform.AttachAttrLayoutFreeBuffers()(relax.get_pipeline("zero")(mod))
+    for gvar, func in kernels.functions.items():  # kernels without weights stay as they were, tuning records and all
+        if isinstance(func, tvm.tirx.PrimFunc) and not func.attrs["layout_free_buffers"]:
+            kernels[gvar] = func.without_attr("layout_free_buffers")
+    return kernels
 
 
 def build_static(model: torch.nn.Module, batch: int, cfg: CompileConfig, tuning_dir: Path, out_path: Path) -> Path:
-    """A host-CPU library for one batch size, with MetaSchedule-tuned kernels."""
-    from tvm.s_tir import meta_schedule as ms
+    """A host-CPU library for one batch size, with MetaSchedule-tuned kernels. The weights are
+    constants, so their layout rewrites are folded at build time: the library holds them prepacked."""
+    import tvm
+    from tvm import relax
 
     from ml.compile.tuning import tune
 
     target = host_tvm_target()
-    mod = to_relax(export(model, batch))
-    database = tune(fused_kernels(mod, target), target, cfg.tuning_trials, tuning_dir, workers=os.cpu_count())
-    # compile_relax runs the same fusion itself: given the fused module, no record would match.
-    ms.relax_integration.compile_relax(database, mod, target, None).export_library(str(out_path))
+    kernels = fused_kernels(to_relax(export(model, batch)), target)
+    database = tune(kernels, target, cfg.tuning_trials, tuning_dir, workers=os.cpu_count())
+    with target, database, tvm.transform.PassContext(opt_level=3):
+        tuned = tvm.transform.Sequential([relax.transform.MetaScheduleApplyDatabase(),
+                                          relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()])(kernels)
+        relax.build(tuned, target=target).export_library(str(out_path))
     return out_path
 
 

@@ -66,7 +66,7 @@ def tune(mod, target, trials: int, tuning_dir: Path, workers: int, shipped: bool
     """Tune the kernels of the fused module `mod` that no tuning run here has seen and no
     shipped record covers, within `trials` MetaSchedule trials; records go to the JSON database
     at `tuning_dir`. Each kernel is tuned once: a later compile with the same shapes tunes
-    nothing (delete `tuning_dir` to start over). Returns every known record, for compile_relax."""
+    nothing (delete `tuning_dir` to start over). Returns every known record, for the build."""
     databases = _databases(tuning_dir, shipped)
     tasks = new_tasks(mod, target, databases) if trials > 0 else []
     if tasks:
