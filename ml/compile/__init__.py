@@ -88,7 +88,7 @@ def fused_kernels(mod, target):
 
     with target:
         kernels = relax.transform.AttachAttrLayoutFreeBuffers()(relax.get_pipeline("zero")(mod))
-    for gvar, func in kernels.functions.items():  # kernels without weights stay as they were, tuning records and all
+    for gvar, func in list(kernels.functions.items()):  # kernels without weights stay as they were, tuning records and all
         if isinstance(func, tvm.tirx.PrimFunc) and not func.attrs["layout_free_buffers"]:
             kernels[gvar] = func.without_attr("layout_free_buffers")
     return kernels

@@ -81,13 +81,14 @@ def tune(mod, target, trials: int, tuning_dir: Path, workers: int, shipped: bool
     return known_records(tuning_dir, shipped)  # reopened: the JSON files hold what tuning just added
 
 
-def keep_best(sources: list[ms.database.Database], out_dir: Path) -> int:
-    """Write the best record of each workload in `sources` into a fresh JSON database at `out_dir`."""
+def keep_best(sources: list[ms.database.Database], kernels: set[int], out_dir: Path) -> int:
+    """Write the best record in `sources` of each kernel in `kernels` (structural hashes) into a
+    fresh JSON database at `out_dir`: records of kernels no model has any more are left behind."""
     best = {}
     for record in (record for source in sources for record in source.get_all_tuning_records()):
-        if record.run_secs:
+        key = structural_hash(record.workload.mod)
+        if record.run_secs and key in kernels:
             seconds = sum(float(s) for s in record.run_secs) / len(record.run_secs)
-            key = structural_hash(record.workload.mod)
             if key not in best or seconds < best[key][0]:
                 best[key] = (seconds, record)
     for name in ("database_workload.json", "database_tuning_record.json"):
@@ -121,10 +122,13 @@ def main(trials: int = 900, with_unpruned: bool = False) -> None:
     models = [pruned, unpruned] if with_unpruned else [pruned]
     target = host_tvm_target()
     work_dir = settings.data_dir / "tuning-shipped"  # kept: an interrupted run resumes where it stopped
+    in_use = set()
     for model in models:
         for batch in settings.compile.batch_sizes:
-            tune(fused_kernels(to_relax(export(model, batch)), target), target, trials, work_dir, os.cpu_count(), shipped=False)
-    kept = keep_best([ms.database.JSONDatabase(work_dir=str(work_dir))], SHIPPED_RECORDS)
+            kernels = fused_kernels(to_relax(export(model, batch)), target)
+            tune(kernels, target, trials, work_dir, os.cpu_count(), shipped=False)
+            in_use |= {structural_hash(task.dispatched[0]) for task in ms.relax_integration.extract_tasks(kernels, target)}
+    kept = keep_best([ms.database.JSONDatabase(work_dir=str(work_dir))], in_use, SHIPPED_RECORDS)
     print(f"best records of {kept} kernels in {SHIPPED_RECORDS}")
 
 
