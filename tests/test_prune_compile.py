@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from tvm.s_tir import meta_schedule as ms
+from tvm_ffi import structural_hash
 
 from config import CompileConfig, ModelConfig, PruneConfig, SyntheticDataConfig
 from ml.compile import (
@@ -21,7 +22,7 @@ from ml.compile import (
     host_tvm_target,
     to_relax,
 )
-from ml.compile.tuning import SHIPPED_RECORDS, new_tasks
+from ml.compile.tuning import SHIPPED_RECORDS, keep_best, new_tasks
 from ml.model import SelfAttention, SpeciesClassifier, build_coca
 from ml.prune import count_flops, make_heads_prunable, prune_structure
 from ml.runtime import CompiledClassifier, aligned_zeros
@@ -177,6 +178,16 @@ def test_shipped_records_cover_every_kernel_of_the_default_pruned_model():
     shipped = ms.database.JSONDatabase(work_dir=str(SHIPPED_RECORDS), allow_missing=False)
     for batch in CompileConfig().batch_sizes:
         assert new_tasks(fused_kernels(to_relax(export(model, batch)), target), target, [shipped]) == []
+
+
+def test_regenerated_records_keep_only_the_kernels_asked_for(tmp_path):
+    """`python -m ml.compile.tuning` ships the records of the kernels the models have today, not
+    those of kernels an older model or compile pipeline had."""
+    shipped = ms.database.JSONDatabase(work_dir=str(SHIPPED_RECORDS), allow_missing=False)
+    wanted = structural_hash(shipped.get_all_tuning_records()[0].workload.mod)
+    assert keep_best([shipped], {wanted}, tmp_path) == 1
+    kept = ms.database.JSONDatabase(work_dir=str(tmp_path)).get_all_tuning_records()
+    assert [structural_hash(record.workload.mod) for record in kept] == [wanted]
 
 
 def test_parity_check_fails_on_a_different_model(tiny_model, tiny_dataset, settings):
