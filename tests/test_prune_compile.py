@@ -177,7 +177,8 @@ def test_shipped_records_cover_every_kernel_of_the_default_pruned_model():
     target = host_tvm_target()
     shipped = ms.database.JSONDatabase(work_dir=str(SHIPPED_RECORDS), allow_missing=False)
     for batch in CompileConfig().batch_sizes:
-        assert new_tasks(fused_kernels(to_relax(export(model, batch)), target), target, [shipped]) == []
+        kernels = fused_kernels(to_relax(export(model, batch)), target)
+        assert new_tasks(ms.relax_integration.extract_tasks(kernels, target), [shipped]) == []
 
 
 def test_regenerated_records_keep_only_the_kernels_asked_for(tmp_path):
@@ -188,6 +189,19 @@ def test_regenerated_records_keep_only_the_kernels_asked_for(tmp_path):
     assert keep_best([shipped], {wanted}, tmp_path) == 1
     kept = ms.database.JSONDatabase(work_dir=str(tmp_path)).get_all_tuning_records()
     assert [structural_hash(record.workload.mod) for record in kept] == [wanted]
+
+
+def test_regenerated_records_keep_the_fastest_schedule_of_each_kernel(tmp_path):
+    shipped = ms.database.JSONDatabase(work_dir=str(SHIPPED_RECORDS), allow_missing=False)
+    record = shipped.get_all_tuning_records()[0]
+    (tmp_path / "found").mkdir()
+    found = ms.database.JSONDatabase(work_dir=str(tmp_path / "found"))
+    workload = found.commit_workload(record.workload.mod)
+    for seconds in (3e-5, 1e-5, 2e-5):  # three schedules measured for one kernel
+        found.commit_tuning_record(ms.database.TuningRecord(record.trace, workload, [seconds], record.target, record.args_info))
+    assert keep_best([found], {structural_hash(record.workload.mod)}, tmp_path / "best") == 1
+    kept = ms.database.JSONDatabase(work_dir=str(tmp_path / "best")).get_all_tuning_records()
+    assert [[float(s) for s in k.run_secs] for k in kept] == [[1e-5]]
 
 
 def test_parity_check_fails_on_a_different_model(tiny_model, tiny_dataset, settings):

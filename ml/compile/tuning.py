@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder, local_builder
@@ -56,10 +58,9 @@ def known_records(tuning_dir: Path, shipped: bool = True) -> ms.database.Databas
     return ms.database.OrderedUnionDatabase(*_databases(tuning_dir, shipped))
 
 
-def new_tasks(mod, target, databases: list[ms.database.Database]) -> list:
-    """The module's kernels that none of `databases` has seen."""
-    return [task for task in ms.relax_integration.extract_tasks(mod, target)
-            if not any(database.has_workload(task.dispatched[0]) for database in databases)]
+def new_tasks(tasks: list, databases: list[ms.database.Database]) -> list:
+    """The extracted `tasks` (kernels) that none of `databases` has seen."""
+    return [task for task in tasks if not any(database.has_workload(task.dispatched[0]) for database in databases)]
 
 
 def tune(mod, target, trials: int, tuning_dir: Path, workers: int, shipped: bool = True) -> ms.database.Database:
@@ -68,17 +69,26 @@ def tune(mod, target, trials: int, tuning_dir: Path, workers: int, shipped: bool
     at `tuning_dir`. Each kernel is tuned once: a later compile with the same shapes tunes
     nothing (delete `tuning_dir` to start over). Returns every known record, for the build."""
     databases = _databases(tuning_dir, shipped)
-    tasks = new_tasks(mod, target, databases) if trials > 0 else []
-    if tasks:
-        local = databases[0]
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(tuning_dir), seed=0)
-        ms.tune.tune_tasks(
-            tasks=contexts, task_weights=weights, work_dir=str(tuning_dir), max_trials_global=trials,
-            num_trials_per_iter=16, builder=WarmLocalBuilder(workers), runner=ms.runner.LocalRunner(timeout_sec=60),
-            database=local, cost_model="xgb")
-        for task in tasks:  # seen, even where the budget ran out before its turn
-            local.commit_workload(task.dispatched[0])
+    if trials > 0:
+        tasks = new_tasks(ms.relax_integration.extract_tasks(mod, target), databases)
+        tune_tasks(tasks, trials, databases[0], tuning_dir, workers)
     return known_records(tuning_dir, shipped)  # reopened: the JSON files hold what tuning just added
+
+
+def tune_tasks(tasks: list, trials: int, database: ms.database.Database, tuning_dir: Path, workers: int,
+               trials_per_task: int | None = None, seed: int = 0) -> None:
+    """Tune `tasks` within `trials` trials in all (and `trials_per_task` each), recording every
+    measured schedule in `database`. Every task is marked seen, even where the budget ran out
+    before its turn."""
+    if not tasks or trials <= 0:
+        return
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(tuning_dir), seed=seed)
+    ms.tune.tune_tasks(
+        tasks=contexts, task_weights=weights, work_dir=str(tuning_dir), max_trials_global=trials,
+        max_trials_per_task=trials_per_task, num_trials_per_iter=16, builder=WarmLocalBuilder(workers),
+        runner=ms.runner.LocalRunner(timeout_sec=60), database=database, cost_model="xgb")
+    for task in tasks:
+        database.commit_workload(task.dispatched[0])
 
 
 def keep_best(sources: list[ms.database.Database], kernels: set[int], out_dir: Path) -> int:
@@ -91,6 +101,7 @@ def keep_best(sources: list[ms.database.Database], kernels: set[int], out_dir: P
             seconds = sum(float(s) for s in record.run_secs) / len(record.run_secs)
             if key not in best or seconds < best[key][0]:
                 best[key] = (seconds, record)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("database_workload.json", "database_tuning_record.json"):
         (out_dir / name).unlink(missing_ok=True)
     out = ms.database.JSONDatabase(work_dir=str(out_dir))
@@ -100,10 +111,18 @@ def keep_best(sources: list[ms.database.Database], kernels: set[int], out_dir: P
     return len(best)
 
 
-def main(trials: int = 900, with_unpruned: bool = False) -> None:
+def main(
+    trials: Annotated[int, typer.Option(help="trials in all for the kernels the work database has not seen")] = 900,
+    with_unpruned: Annotated[bool, typer.Option("--with-unpruned/--pruned-only",
+                                                help="also the unpruned model, which the benchmark compares")] = True,
+    retune: Annotated[list[str] | None, typer.Option(help="a kernel (task name) to tune again, though seen; repeatable")] = None,
+    retune_trials: Annotated[int, typer.Option(help="trials for each kernel named by --retune")] = 64,
+) -> None:
     """Regenerate `records/`: tune the kernels of the default model, pruned (what the pipeline
-    ships; with --with-unpruned also unpruned, what the benchmark compares), at every configured
-    batch size on this CPU. The models are untrained: schedules depend on shapes, not weights."""
+    ships) and unpruned (what the benchmark compares), at every configured batch size on this CPU, then
+    keep the best record of each kernel they have. The models are untrained: schedules depend on
+    shapes, not weights. The work database (data/tuning-shipped) is kept, so an interrupted run
+    resumes and a retune competes with every record found before."""
     import copy
 
     import torch
@@ -119,20 +138,24 @@ def main(trials: int = 900, with_unpruned: bool = False) -> None:
     unpruned = SpeciesClassifier.from_coca(build_coca(settings.model.name), classes).eval()
     pruned = copy.deepcopy(unpruned)
     prune_structure(pruned, settings.prune.model_copy(update={"importance": "magnitude"}))
-    models = [pruned, unpruned] if with_unpruned else [pruned]
     target = host_tvm_target()
-    work_dir = settings.data_dir / "tuning-shipped"  # kept: an interrupted run resumes where it stopped
-    in_use = set()
-    for model in models:
-        for batch in settings.compile.batch_sizes:
-            kernels = fused_kernels(to_relax(export(model, batch)), target)
-            tune(kernels, target, trials, work_dir, os.cpu_count(), shipped=False)
-            in_use |= {structural_hash(task.dispatched[0]) for task in ms.relax_integration.extract_tasks(kernels, target)}
+    task_lists = [ms.relax_integration.extract_tasks(fused_kernels(to_relax(export(model, batch)), target), target)
+                  for model in ([pruned, unpruned] if with_unpruned else [pruned]) for batch in settings.compile.batch_sizes]
+    names = {task.task_name for tasks in task_lists for task in tasks}
+    if unknown := set(retune or ()) - names:
+        raise typer.BadParameter(f"no kernel named {sorted(unknown)}; the models have: {', '.join(sorted(names))}")
+    work_dir = settings.data_dir / "tuning-shipped"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    work = ms.database.JSONDatabase(work_dir=str(work_dir))
+    for tasks in task_lists:
+        tune_tasks(new_tasks(tasks, [work]), trials, work, work_dir, os.cpu_count())
+        again = [task for task in tasks if task.task_name in (retune or ())]
+        # another seed than the first tuning's, so the search does not retrace its steps
+        tune_tasks(again, retune_trials * len(again), work, work_dir, os.cpu_count(), retune_trials, seed=1)
+    in_use = {structural_hash(task.dispatched[0]) for tasks in task_lists for task in tasks}
     kept = keep_best([ms.database.JSONDatabase(work_dir=str(work_dir))], in_use, SHIPPED_RECORDS)
     print(f"best records of {kept} kernels in {SHIPPED_RECORDS}")
 
 
 if __name__ == "__main__":
-    import typer
-
     typer.run(main)
