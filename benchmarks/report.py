@@ -78,10 +78,10 @@ def _top1_change(before: float, after: float) -> str:
 def _seed_spread(unpruned_top1: float, pruned_top1_by_seed: dict[int, float]) -> list[str]:
     if not pruned_top1_by_seed:
         return []
-    lost = {seed: (unpruned_top1 - top1) * 100 for seed, top1 in pruned_top1_by_seed.items()}
+    change = {seed: (top1 - unpruned_top1) * 100 for seed, top1 in pruned_top1_by_seed.items()}  # negative: lost
     return [(f"Pruned again from the same unpruned model, one recovery fine-tune per seed (`--prune-seed`): test top-1 "
-             f"lost {', '.join(f'{points:+.1f} (seed {seed})' for seed, points in lost.items())} points; "
-             f"the worst seed lost **{max(lost.values()):.1f}**, the mean {np.mean(list(lost.values())):.1f}."), ""]
+             f"changed by {', '.join(f'{points:+.1f} (seed {seed})' for seed, points in change.items())} points; "
+             f"the worst seed **{min(change.values()):+.1f}**, the mean {np.mean(list(change.values())):+.1f}."), ""]
 
 
 def _head_to_head(timings: list[Timing], runtime: str, rival: str) -> list[str]:

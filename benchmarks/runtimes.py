@@ -39,8 +39,9 @@ def onnx_runtime(model: torch.nn.Module, batch: int, work_dir: Path) -> Run:
 
 
 def tvm_tuned(model: torch.nn.Module, batch: int, work_dir: Path) -> Run:
-    """The retraining DAG's compile step, run as the service runs it: a library per configured
-    batch size (records shared with the DAG's), larger batches in chunks of the largest."""
+    """The retraining DAG's compile step, run as the service runs it, with `batch` among the
+    configured batch sizes (INSECT_COMPILE__BATCH_SIZES): a library per size, tuned records
+    shared with the DAG's."""
     from config import get_settings
     from ml.compile import build_static
     from ml.runtime import CompiledClassifier
@@ -48,7 +49,7 @@ def tvm_tuned(model: torch.nn.Module, batch: int, work_dir: Path) -> Run:
     settings = get_settings()
     work_dir.mkdir(parents=True, exist_ok=True)
     return CompiledClassifier({size: build_static(model, size, settings.compile, settings.tuning_dir, work_dir / f"model_llvm_b{size}.so")
-                               for size in settings.compile.batch_sizes})
+                               for size in {*settings.compile.batch_sizes, batch}})
 
 
 RUNTIMES = {"eager": eager, "torch.compile": torch_compile, "onnxruntime": onnx_runtime, "tvm": tvm_tuned}

@@ -34,7 +34,7 @@ def test_report_tables_speedups_against_eager_and_draws_the_plot(tmp_path):
     write_report(tmp_path, timings, quality, peak_gflops=300.0, run_dir=tmp_path, pruned_top1_by_seed={0: 0.89, 1: 0.91})
     report = (tmp_path / "REPORT.md").read_text()
     assert "**40.0% fewer**" in report and "lost **1.0 points**" in report
-    assert "lost +1.0 (seed 0), -1.0 (seed 1) points; the worst seed lost **1.0**, the mean 0.0." in report
+    assert "changed by -1.0 (seed 0), +1.0 (seed 1) points; the worst seed **-1.0**, the mean +0.0." in report
     assert "| unpruned | 1 | tvm | 2.000 | 2.000 | 500 | 2.00× |" in report
     assert (tmp_path / "latency.png").stat().st_size > 0
 
