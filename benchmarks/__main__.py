@@ -22,6 +22,7 @@ from benchmarks.measure import Timing, matmul_peak_gflops, peak_rss_during, time
 from benchmarks.report import write_report
 from benchmarks.runtimes import RUNTIMES
 from config import Settings, get_settings
+from ml.compile.tuning import SHIPPED_BATCH_SIZES
 from ml.data.versions import current_dataset
 from ml.evaluate import evaluate, torch_predict_fn
 from ml.prune import count_flops, load_model, prune
@@ -55,7 +56,7 @@ def pruned_top1_by_seed(run_dir: Path, dataset: Path, settings: Settings, seeds:
 
 
 def main(run_dir: Annotated[Path | None, typer.Option(help="a retraining run's work dir (train/, prune/)")] = None,
-         batches: Annotated[list[int], typer.Option("--batch", help="batch sizes")] = [1, 8],  # noqa: B006
+         batches: Annotated[list[int], typer.Option("--batch", help="batch sizes")] = list(SHIPPED_BATCH_SIZES),  # noqa: B006
          iterations: Annotated[int, typer.Option(help="timed calls per measurement")] = 1000,
          rounds: Annotated[int, typer.Option(help="alternating blocks the timed calls are split into")] = 20,
          prune_seeds: Annotated[list[int], typer.Option("--prune-seed", help="prune again with these recovery seeds")] = [],  # noqa: B006

@@ -22,7 +22,7 @@ from ml.compile import (
     host_tvm_target,
     to_relax,
 )
-from ml.compile.tuning import SHIPPED_RECORDS, keep_best, new_tasks
+from ml.compile.tuning import SHIPPED_BATCH_SIZES, SHIPPED_RECORDS, keep_best, new_tasks
 from ml.model import SelfAttention, SpeciesClassifier, build_coca
 from ml.prune import count_flops, make_heads_prunable, prune_structure
 from ml.runtime import CompiledClassifier, aligned_zeros
@@ -177,7 +177,7 @@ def test_shipped_records_cover_every_kernel_of_the_default_pruned_model():
     prune_structure(model, PruneConfig(importance="magnitude"))
     target = host_tvm_target()
     shipped = ms.database.JSONDatabase(work_dir=str(SHIPPED_RECORDS), allow_missing=False)
-    for batch in {*CompileConfig().batch_sizes, 8}:
+    for batch in {*CompileConfig().batch_sizes, *SHIPPED_BATCH_SIZES}:
         kernels = fused_kernels(to_relax(export(model, batch)), target)
         assert new_tasks(ms.relax_integration.extract_tasks(kernels, target), [shipped]) == []
 

@@ -25,6 +25,7 @@ from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 from tvm_ffi import structural_hash
 
 SHIPPED_RECORDS = Path(__file__).with_name("records")
+SHIPPED_BATCH_SIZES = (1, 8)  # the benchmark's, which include the pipeline's
 
 
 def _import_tensor_intrinsics() -> None:
@@ -117,7 +118,7 @@ def main(
                                                 help="also the unpruned model, which the benchmark compares")] = True,
     retune: Annotated[list[str] | None, typer.Option(help="a kernel (task name) to tune again, though seen; repeatable")] = None,
     retune_trials: Annotated[int, typer.Option(help="trials for each kernel named by --retune")] = 64,
-    batches: Annotated[list[int], typer.Option("--batch", help="batch sizes: the benchmark's, which include the pipeline's")] = [1, 8],  # noqa: B006
+    batches: Annotated[list[int], typer.Option("--batch", help="batch sizes")] = list(SHIPPED_BATCH_SIZES),  # noqa: B006
 ) -> None:
     """Regenerate `records/`: tune the kernels of the default model, pruned (what the pipeline
     ships) and unpruned (what the benchmark compares), at each batch size on this CPU, then
@@ -144,18 +145,18 @@ def main(
     task_lists = [ms.relax_integration.extract_tasks(fused_kernels(to_relax(export(model, batch)), target), target)
                   for model in ([pruned, unpruned] if with_unpruned else [pruned]) for batch in batches]
     names = {task.task_name for tasks in task_lists for task in tasks}
-    if unknown := set(retune or ()) - names:
+    retune = set(retune or ())
+    if unknown := retune - names:
         raise typer.BadParameter(f"no kernel named {sorted(unknown)}; the models have: {', '.join(sorted(names))}")
     work_dir = settings.data_dir / "tuning-shipped"
-    work_dir.mkdir(parents=True, exist_ok=True)
     work, shipped = _databases(work_dir, shipped=True)
     for tasks in task_lists:
         tune_tasks(new_tasks(tasks, [work, shipped]), trials, work, work_dir, os.cpu_count())
-        again = [task for task in tasks if task.task_name in (retune or ())]
+        again = [task for task in tasks if task.task_name in retune]
         # another seed than the first tuning's, so the search does not retrace its steps
         tune_tasks(again, retune_trials * len(again), work, work_dir, os.cpu_count(), retune_trials, seed=1)
     in_use = {structural_hash(task.dispatched[0]) for tasks in task_lists for task in tasks}
-    kept = keep_best([ms.database.JSONDatabase(work_dir=str(work_dir)), shipped], in_use, SHIPPED_RECORDS)
+    kept = keep_best([work, shipped], in_use, SHIPPED_RECORDS)
     print(f"best records of {kept} kernels in {SHIPPED_RECORDS}")
 
 
