@@ -55,20 +55,29 @@ def pruned_top1_by_seed(run_dir: Path, dataset: Path, settings: Settings, seeds:
     return top1
 
 
-def main(run_dir: Annotated[Path | None, typer.Option(help="a retraining run's work dir (train/, prune/)")] = None,
-         batches: Annotated[list[int], typer.Option("--batch", help="batch sizes")] = list(SHIPPED_BATCH_SIZES),  # noqa: B006
-         iterations: Annotated[int, typer.Option(help="timed calls per measurement")] = 1000,
-         rounds: Annotated[int, typer.Option(help="alternating blocks the timed calls are split into")] = 20,
-         prune_seeds: Annotated[list[int], typer.Option("--prune-seed", help="prune again with these recovery seeds")] = [],  # noqa: B006
-         out: Annotated[Path, typer.Option(help="where the report and plot go")] = HERE) -> None:
+def main(
+    run_dir: Annotated[Path | None, typer.Option(help="a retraining run's work dir (train/, prune/)")] = None,
+    batches: Annotated[list[int], typer.Option("--batch", help="batch sizes")] = list(SHIPPED_BATCH_SIZES),  # noqa: B006
+    iterations: Annotated[int, typer.Option(help="timed calls per measurement")] = 1000,
+    rounds: Annotated[int, typer.Option(help="alternating blocks the timed calls are split into")] = 20,
+    prune_seeds: Annotated[list[int], typer.Option("--prune-seed", help="prune again with these recovery seeds")] = [],  # noqa: B006
+    out: Annotated[Path, typer.Option(help="where the report and plot go")] = HERE,
+) -> None:
     settings = get_settings()
     run_dir = run_dir or newest_run_dir(settings.work_dir)
-    models = {"unpruned": load_model(run_dir / "train" / "classifier.pt").eval(),
-              "pruned": load_model(run_dir / "prune" / "pruned.pt").eval()}
+    models = {
+        "unpruned": load_model(run_dir / "train" / "classifier.pt").eval(),
+        "pruned": load_model(run_dir / "prune" / "pruned.pt").eval(),
+    }
     dataset = current_dataset(settings)
     typer.echo(f"models from {run_dir}; {torch.get_num_threads()} threads")
-    quality = {name: {**evaluate(torch_predict_fn(m), dataset, m.classes, m.image_size),
-                      **dict(zip(("flops", "params"), count_flops(m), strict=True))} for name, m in models.items()}
+    quality = {
+        name: {
+            **evaluate(torch_predict_fn(m), dataset, m.classes, m.image_size),
+            **dict(zip(("flops", "params"), count_flops(m), strict=True)),
+        }
+        for name, m in models.items()
+    }
     peak = matmul_peak_gflops()
     timings: list[Timing] = []
     scratch = settings.work_dir / "benchmarks"
@@ -86,8 +95,17 @@ def main(run_dir: Annotated[Path | None, typer.Option(help="a retraining run's w
                 prepared[runtime] = run, memory.peak_mib, max_diff, time.perf_counter() - started
             seconds = time_interleaved({runtime: run for runtime, (run, *_) in prepared.items()}, x, iterations, rounds)
             for runtime, (_, peak_mib, max_diff, setup_s) in prepared.items():
-                timing = Timing(name, runtime, batch, seconds[runtime], peak_mib, quality[name]["flops"] * batch / 1e9,
-                                max_diff, setup_s, rounds)
+                timing = Timing(
+                    name,
+                    runtime,
+                    batch,
+                    seconds[runtime],
+                    peak_mib,
+                    quality[name]["flops"] * batch / 1e9,
+                    max_diff,
+                    setup_s,
+                    rounds,
+                )
                 typer.echo(timing.line())
                 timings.append(timing)
     write_report(out, timings, quality, peak, run_dir, pruned_top1_by_seed(run_dir, dataset, settings, prune_seeds))

@@ -46,8 +46,10 @@ class Timing:
         return self.gflop_per_call / float(np.median(self.seconds))
 
     def line(self) -> str:
-        return (f"{self.model:>8} {self.runtime:>13} b{self.batch:<2} median {self.median_ms:8.3f} ms  p99 {self.p99_ms:8.3f} ms  "
-                f"{self.images_per_s:8.1f} img/s  {self.gflops:6.1f} GFLOP/s  +{self.peak_mib:6.1f} MiB  diff {self.max_abs_diff:.1e}")
+        return (
+            f"{self.model:>8} {self.runtime:>13} b{self.batch:<2} median {self.median_ms:8.3f} ms  p99 {self.p99_ms:8.3f} ms  "
+            f"{self.images_per_s:8.1f} img/s  {self.gflops:6.1f} GFLOP/s  +{self.peak_mib:6.1f} MiB  diff {self.max_abs_diff:.1e}"
+        )
 
 
 def time_calls(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, iterations: int, warmup: int = 10) -> np.ndarray:
@@ -61,8 +63,9 @@ def time_calls(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, iteration
     return seconds
 
 
-def time_interleaved(runs: dict[str, Callable[[np.ndarray], np.ndarray]], x: np.ndarray, iterations: int,
-                     rounds: int = 10) -> dict[str, np.ndarray]:
+def time_interleaved(
+    runs: dict[str, Callable[[np.ndarray], np.ndarray]], x: np.ndarray, iterations: int, rounds: int = 10
+) -> dict[str, np.ndarray]:
     """Per-call seconds of each run, timed in `rounds` alternating blocks: a noisy neighbour on
     a shared machine slows every runtime alike instead of whichever happened to be running."""
     blocks: dict[str, list[np.ndarray]] = {name: [] for name in runs}

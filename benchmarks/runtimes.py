@@ -48,8 +48,12 @@ def tvm_tuned(model: torch.nn.Module, batch: int, work_dir: Path) -> Run:
 
     settings = get_settings()
     work_dir.mkdir(parents=True, exist_ok=True)
-    return CompiledClassifier({size: build_static(model, size, settings.compile, settings.tuning_dir, work_dir / f"model_llvm_b{size}.so")
-                               for size in {*settings.compile.batch_sizes, batch}})
+    return CompiledClassifier(
+        {
+            size: build_static(model, size, settings.compile, settings.tuning_dir, work_dir / f"model_llvm_b{size}.so")
+            for size in {*settings.compile.batch_sizes, batch}
+        }
+    )
 
 
 RUNTIMES = {"eager": eager, "torch.compile": torch_compile, "onnxruntime": onnx_runtime, "tvm": tvm_tuned}

@@ -108,8 +108,13 @@ def storage_unavailable_as_503() -> Iterator[None]:
         raise ServiceUnavailable(f"feedback storage is unavailable, retry later ({type(error).__name__})") from error
 
 
-@bentoml.service(name="insect_classifier", workers=1, threads=8,
-                 traffic={"timeout": 60, "max_concurrency": 256}, http={"port": settings.serve.port})
+@bentoml.service(
+    name="insect_classifier",
+    workers=1,
+    threads=8,
+    traffic={"timeout": 60, "max_concurrency": 256},
+    http={"port": settings.serve.port},
+)
 class InsectClassifier:
     def __init__(self) -> None:
         configure(settings)
@@ -166,10 +171,23 @@ class InsectClassifier:
         with storage_unavailable_as_503():
             sha, key = await asyncio.to_thread(self._store_image, data, decoded.format)
             prediction_id = await asyncio.to_thread(
-                db.record_prediction, self.db, model_name=self.name, model_version=scores.version, backend=served.backend,
-                label=top[0].species, probability=top[0].probability, image_sha256=sha, image_key=key)
-        return Prediction(prediction_id=prediction_id, species=top[0].species, probability=top[0].probability, top_k=top,
-                          model=ModelInfo(name=self.name, version=scores.version, backend=served.backend))
+                db.record_prediction,
+                self.db,
+                model_name=self.name,
+                model_version=scores.version,
+                backend=served.backend,
+                label=top[0].species,
+                probability=top[0].probability,
+                image_sha256=sha,
+                image_key=key,
+            )
+        return Prediction(
+            prediction_id=prediction_id,
+            species=top[0].species,
+            probability=top[0].probability,
+            top_k=top,
+            model=ModelInfo(name=self.name, version=scores.version, backend=served.backend),
+        )
 
     @bentoml.api(route="/feedback")
     def feedback(
@@ -178,7 +196,9 @@ class InsectClassifier:
         # Annotated as plain Path: BentoML 1.4 cannot build a schema for an Optional file upload.
         image: Path = Field(default=None, description="the image, JPEG or PNG (or give prediction_id)"),
         prediction_id: str | None = Field(default=None, description="instead of an image: the id /predict returned"),
-        predicted_label: str | None = Field(default=None, description="what the model said; taken from the prediction when given"),
+        predicted_label: str | None = Field(
+            default=None, description="what the model said; taken from the prediction when given"
+        ),
         user_id: str | None = Field(default=None, max_length=200),
     ) -> FeedbackReceipt:
         """Record the right species for an image; the next retraining learns from it."""
@@ -198,16 +218,26 @@ class InsectClassifier:
                     raise InvalidArgument("predicted_label is required with an image")
                 data, decoded = read_image(image, settings.feedback.max_image_bytes)
                 sha, key = self._store_image(data, decoded.format)
-            feedback_id = db.record_feedback(self.db, image_sha256=sha, image_key=key, predicted_label=predicted_label,
-                                             corrected_label=corrected_label, user_id=user_id, prediction_id=prediction_id)
+            feedback_id = db.record_feedback(
+                self.db,
+                image_sha256=sha,
+                image_key=key,
+                predicted_label=predicted_label,
+                corrected_label=corrected_label,
+                user_id=user_id,
+                prediction_id=prediction_id,
+            )
         return FeedbackReceipt(feedback_id=feedback_id, image_location=f"{self.images.location}/{key}")
 
     @bentoml.api(route="/model")
     def model(self) -> dict:
         """The served version, its backend and the species it knows."""
         served = self._model()
-        return {**ModelInfo(name=self.name, version=served.version, backend=served.backend).model_dump(),
-                "classes": served.model.classes, "image_size": served.model.image_size}
+        return {
+            **ModelInfo(name=self.name, version=served.version, backend=served.backend).model_dump(),
+            "classes": served.model.classes,
+            "image_size": served.model.image_size,
+        }
 
     def _store_image(self, data: bytes, image_format: str) -> tuple[str, str]:
         """Store the upload (content-addressed, so a repeat is free); returns (sha256, key)."""

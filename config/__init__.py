@@ -129,9 +129,7 @@ class StackConfig(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="INSECT_", env_nested_delimiter="__", extra="ignore", protected_namespaces=()
-    )
+    model_config = SettingsConfigDict(env_prefix="INSECT_", env_nested_delimiter="__", extra="ignore", protected_namespaces=())
 
     data_dir: Path = REPO_ROOT / "data"
     # A real IP102 checkout goes here; unset means the generated synthetic dataset.
@@ -139,9 +137,7 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(
         None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "INSECT_MLFLOW_TRACKING_URI")
     )
-    airflow_home: Path | None = Field(
-        None, validation_alias=AliasChoices("AIRFLOW_HOME", "INSECT_AIRFLOW_HOME")
-    )
+    airflow_home: Path | None = Field(None, validation_alias=AliasChoices("AIRFLOW_HOME", "INSECT_AIRFLOW_HOME"))
     experiment_name: str = "insect-classifier"
     registered_model_name: str = "insect-classifier"
 

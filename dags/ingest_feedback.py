@@ -47,10 +47,16 @@ def ingest_feedback():
 
         staged = stage(get_settings())
         summary = staged.summary
-        print(f"staged {staged.target_dir.name} from {staged.parent_dir}: {summary.added} images added, "
-              f"{summary.relabelled} relabelled, {len(summary.skipped)} skipped {summary.skipped}")
-        return {"staging_dir": str(staged.staging_dir), "target_dir": str(staged.target_dir),
-                "feedback_ids": staged.feedback_ids, "num_samples": summary.added + summary.relabelled}
+        print(
+            f"staged {staged.target_dir.name} from {staged.parent_dir}: {summary.added} images added, "
+            f"{summary.relabelled} relabelled, {len(summary.skipped)} skipped {summary.skipped}"
+        )
+        return {
+            "staging_dir": str(staged.staging_dir),
+            "target_dir": str(staged.target_dir),
+            "feedback_ids": staged.feedback_ids,
+            "num_samples": summary.added + summary.relabelled,
+        }
 
     @task
     def validate_version(staged: dict) -> dict:
@@ -70,10 +76,15 @@ def ingest_feedback():
     def publish_version(staged: dict, *, outlet_events=None) -> str:
         from feedback.export import publish
 
-        export_id = publish(get_settings(), Path(staged["staging_dir"]), Path(staged["target_dir"]),
-                            staged["feedback_ids"], staged["num_samples"])
-        outlet_events[training_dataset].extra = {"dataset_dir": staged["target_dir"], "digest": staged["digest"],
-                                                 "export_id": export_id, "feedback_ids": staged["feedback_ids"]}
+        export_id = publish(
+            get_settings(), Path(staged["staging_dir"]), Path(staged["target_dir"]), staged["feedback_ids"], staged["num_samples"]
+        )
+        outlet_events[training_dataset].extra = {
+            "dataset_dir": staged["target_dir"],
+            "digest": staged["digest"],
+            "export_id": export_id,
+            "feedback_ids": staged["feedback_ids"],
+        }
         return staged["target_dir"]
 
     staged = stage_version()

@@ -22,8 +22,9 @@ from plugins.task_policy import default_args
 
 
 @dag(
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * 0", timezone="UTC"),
-                                 assets=[Asset(TRAINING_DATASET_ASSET)]),
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("0 3 * * 0", timezone="UTC"), assets=[Asset(TRAINING_DATASET_ASSET)]
+    ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -72,7 +73,9 @@ def retrain():
 
         settings = get_settings()
         with run(settings, ctx["run_id"]):
-            result = prune_model(Path(model_path), Path(ctx["dataset_dir"]), settings, settings.work_dir / ctx["run_id"] / "prune")
+            result = prune_model(
+                Path(model_path), Path(ctx["dataset_dir"]), settings, settings.work_dir / ctx["run_id"] / "prune"
+            )
         return str(result.model_path)
 
     @task
@@ -82,11 +85,18 @@ def retrain():
 
         settings = get_settings()
         with run(settings, ctx["run_id"]):
-            result = build(Path(model_path), Path(ctx["dataset_dir"]), settings.compile,
-                           settings.work_dir / ctx["run_id"] / "compile", settings.tuning_dir)
-        artifacts = {"exported": str(result.exported_path),
-                     **{f"tvm_llvm_b{batch}": str(path) for batch, path in result.llvm_paths.items()},
-                     **{f"tvm_cuda_{arch}": str(path) for arch, path in result.cuda_paths.items()}}
+            result = build(
+                Path(model_path),
+                Path(ctx["dataset_dir"]),
+                settings.compile,
+                settings.work_dir / ctx["run_id"] / "compile",
+                settings.tuning_dir,
+            )
+        artifacts = {
+            "exported": str(result.exported_path),
+            **{f"tvm_llvm_b{batch}": str(path) for batch, path in result.llvm_paths.items()},
+            **{f"tvm_cuda_{arch}": str(path) for arch, path in result.cuda_paths.items()},
+        }
         return {"artifacts": artifacts, "tvm_llvm_target": result.llvm_target}
 
     @task
@@ -126,11 +136,19 @@ def retrain():
         name = settings.registered_model_name
         with run(settings, ctx["run_id"]):
             version = register_model(
-                name, {k: Path(v) for k, v in compiled["artifacts"].items()},
-                {"classes": evaluation["classes"], "image_size": evaluation["image_size"],
-                 "tvm_llvm_target": compiled["tvm_llvm_target"]},
-                tags={"dataset_digest": ctx["digest"], "dataset_dir": ctx["dataset_dir"], "run_id": ctx["run_id"],
-                      "config": json.dumps(settings.model_dump(include={"model", "train", "prune", "compile"}), default=str)},
+                name,
+                {k: Path(v) for k, v in compiled["artifacts"].items()},
+                {
+                    "classes": evaluation["classes"],
+                    "image_size": evaluation["image_size"],
+                    "tvm_llvm_target": compiled["tvm_llvm_target"],
+                },
+                tags={
+                    "dataset_digest": ctx["digest"],
+                    "dataset_dir": ctx["dataset_dir"],
+                    "run_id": ctx["run_id"],
+                    "config": json.dumps(settings.model_dump(include={"model", "train", "prune", "compile"}), default=str),
+                },
             )
             promoted = gate(name, version.version, evaluation["candidate"], evaluation["champion"])
         return {"name": name, "version": version.version, "champion": promoted, **evaluation["candidate"]}

@@ -28,17 +28,22 @@ def down() -> None:
 @app.command()
 def exports() -> None:
     """Each dataset version built from feedback, with the feedback rows it consumed."""
-    query = (sa.select(db.dataset_exports, sa.func.array_agg(db.feedback.c.id).label("feedback_ids"))
-             .join(db.feedback, db.feedback.c.export_id == db.dataset_exports.c.id)
-             .group_by(db.dataset_exports.c.id).order_by(db.dataset_exports.c.id))
+    query = (
+        sa.select(db.dataset_exports, sa.func.array_agg(db.feedback.c.id).label("feedback_ids"))
+        .join(db.feedback, db.feedback.c.export_id == db.dataset_exports.c.id)
+        .group_by(db.dataset_exports.c.id)
+        .order_by(db.dataset_exports.c.id)
+    )
     with db.engine(get_settings()).connect() as conn:
         rows = list(conn.execute(query))
     if not rows:
         typer.echo("no dataset version has been built from feedback yet")
     for row in rows:
         ids = sorted(row.feedback_ids)
-        typer.echo(f"export {row.id} at {row.created_at:%Y-%m-%d %H:%M} -> {row.dataset_dir}: "
-                   f"{row.num_samples} train samples from feedback ids {ids}")
+        typer.echo(
+            f"export {row.id} at {row.created_at:%Y-%m-%d %H:%M} -> {row.dataset_dir}: "
+            f"{row.num_samples} train samples from feedback ids {ids}"
+        )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 metadata = sa.MetaData()
 predictions = sa.Table(
-    "predictions", metadata,
+    "predictions",
+    metadata,
     sa.Column("id", sa.String(36), primary_key=True),
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
     sa.Column("model_name", sa.Text, nullable=False),
@@ -34,14 +35,16 @@ predictions = sa.Table(
     sa.Column("image_key", sa.Text, nullable=False),
 )
 dataset_exports = sa.Table(
-    "dataset_exports", metadata,
+    "dataset_exports",
+    metadata,
     sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
     sa.Column("dataset_dir", sa.Text, nullable=False),
     sa.Column("num_samples", sa.Integer, nullable=False),
 )
 feedback = sa.Table(
-    "feedback", metadata,
+    "feedback",
+    metadata,
     sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
     sa.Column("prediction_id", sa.String(36), sa.ForeignKey("predictions.id")),
@@ -89,13 +92,31 @@ class Prediction:
     image_key: str
 
 
-def record_prediction(db: sa.Engine, *, model_name: str, model_version: str, backend: str, label: str,
-                      probability: float, image_sha256: str, image_key: str) -> str:
+def record_prediction(
+    db: sa.Engine,
+    *,
+    model_name: str,
+    model_version: str,
+    backend: str,
+    label: str,
+    probability: float,
+    image_sha256: str,
+    image_key: str,
+) -> str:
     prediction_id = str(uuid.uuid4())
     with db.begin() as conn:
-        conn.execute(predictions.insert().values(
-            id=prediction_id, model_name=model_name, model_version=model_version, backend=backend, label=label,
-            probability=probability, image_sha256=image_sha256, image_key=image_key))
+        conn.execute(
+            predictions.insert().values(
+                id=prediction_id,
+                model_name=model_name,
+                model_version=model_version,
+                backend=backend,
+                label=label,
+                probability=probability,
+                image_sha256=image_sha256,
+                image_key=image_key,
+            )
+        )
     return prediction_id
 
 
@@ -105,13 +126,29 @@ def get_prediction(db: sa.Engine, prediction_id: str) -> Prediction | None:
     return None if row is None else Prediction(row.id, row.model_version, row.label, row.image_sha256, row.image_key)
 
 
-def record_feedback(db: sa.Engine, *, image_sha256: str, image_key: str, predicted_label: str,
-                    corrected_label: str, user_id: str | None, prediction_id: str | None) -> int:
+def record_feedback(
+    db: sa.Engine,
+    *,
+    image_sha256: str,
+    image_key: str,
+    predicted_label: str,
+    corrected_label: str,
+    user_id: str | None,
+    prediction_id: str | None,
+) -> int:
     with db.begin() as conn:
-        return conn.execute(feedback.insert().values(
-            image_sha256=image_sha256, image_key=image_key, predicted_label=predicted_label,
-            corrected_label=corrected_label, user_id=user_id, prediction_id=prediction_id,
-        ).returning(feedback.c.id)).scalar_one()
+        return conn.execute(
+            feedback.insert()
+            .values(
+                image_sha256=image_sha256,
+                image_key=image_key,
+                predicted_label=predicted_label,
+                corrected_label=corrected_label,
+                user_id=user_id,
+                prediction_id=prediction_id,
+            )
+            .returning(feedback.c.id)
+        ).scalar_one()
 
 
 def pending_count(db: sa.Engine) -> int:
@@ -128,7 +165,8 @@ def pending_feedback(db: sa.Engine) -> list[sa.Row]:
 def mark_exported(db: sa.Engine, feedback_ids: list[int], dataset_dir: Path, num_samples: int) -> int:
     """Record a published dataset version and the feedback it consumed, in one transaction."""
     with db.begin() as conn:
-        export_id = conn.execute(dataset_exports.insert().values(dataset_dir=str(dataset_dir), num_samples=num_samples)
-                                 .returning(dataset_exports.c.id)).scalar_one()
+        export_id = conn.execute(
+            dataset_exports.insert().values(dataset_dir=str(dataset_dir), num_samples=num_samples).returning(dataset_exports.c.id)
+        ).scalar_one()
         conn.execute(feedback.update().where(feedback.c.id.in_(feedback_ids)).values(export_id=export_id))
     return export_id

@@ -57,13 +57,23 @@ def init_cluster(cluster: Path, superuser: str, *auth: str) -> None:
 def ensure_running(cluster: Path, port: int) -> str:
     """Initialise (once) and start the cluster on 127.0.0.1:`port`; return its SQLAlchemy URL."""
     if shutil.which("pg_ctl") is None:
-        raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) are not on PATH; "
-                           "install them or set INSECT_FEEDBACK__DATABASE_URL")
+        raise RuntimeError(
+            "PostgreSQL server binaries (initdb, pg_ctl) are not on PATH; install them or set INSECT_FEEDBACK__DATABASE_URL"
+        )
     with _locked(cluster):
         init_cluster(cluster, USER, "--auth=trust")
         if not is_running(cluster):
-            started = _pg_ctl(cluster, "start", "-w", "-t", "60", "-l", str(cluster / "server.log"),
-                              "-o", f"-p {port} -k {cluster} -c listen_addresses=127.0.0.1 -c max_connections=200")
+            started = _pg_ctl(
+                cluster,
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-l",
+                str(cluster / "server.log"),
+                "-o",
+                f"-p {port} -k {cluster} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            )
             if started.returncode != 0:
                 raise RuntimeError(f"PostgreSQL did not start: {started.stderr.strip()} (see {cluster / 'server.log'})")
         _create_database(port)

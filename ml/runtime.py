@@ -39,8 +39,10 @@ class CompiledClassifier:
         claim_tvm_threads()
         self._from_dlpack = tvm.runtime.from_dlpack
         # looked up once: a lookup per call costs as much as several of the small model's kernels
-        self._mains = {size: relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())["main"]
-                       for size, path in sorted(libraries.items())}
+        self._mains = {
+            size: relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())["main"]
+            for size, path in sorted(libraries.items())
+        }
 
     def _run(self, chunk: np.ndarray) -> np.ndarray:
         size = next((s for s in self._mains if s >= len(chunk)), max(self._mains))
@@ -51,7 +53,7 @@ class CompiledClassifier:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         step = max(self._mains)
-        return np.concatenate([self._run(batch[i:i + step]) for i in range(0, len(batch), step)])
+        return np.concatenate([self._run(batch[i : i + step]) for i in range(0, len(batch), step)])
 
 
 def aligned_zeros(shape: tuple[int, ...], alignment: int = 64) -> np.ndarray:
@@ -60,4 +62,4 @@ def aligned_zeros(shape: tuple[int, ...], alignment: int = 64) -> np.ndarray:
     count = int(np.prod(shape))
     buffer = np.zeros(count + alignment // 4, np.float32)
     offset = (-buffer.ctypes.data % alignment) // 4
-    return buffer[offset:offset + count].reshape(shape)
+    return buffer[offset : offset + count].reshape(shape)

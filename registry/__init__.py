@@ -123,8 +123,11 @@ def rollback(name: str) -> str:
         raise LookupError(f"{name} has no champion to roll back from")
     client = MlflowClient()
     since = current.tags.get(PROMOTED_AT, "~")  # unset (promoted in the UI): any earlier promotion
-    earlier = [v for v in client.search_model_versions(f"name='{name}'")
-               if str(v.version) != str(current.version) and v.tags.get(PROMOTED_AT, "") and v.tags[PROMOTED_AT] < since]
+    earlier = [
+        v
+        for v in client.search_model_versions(f"name='{name}'")
+        if str(v.version) != str(current.version) and v.tags.get(PROMOTED_AT, "") and v.tags[PROMOTED_AT] < since
+    ]
     if not earlier:
         raise LookupError(f"{name} v{current.version} is the first champion; there is nothing to roll back to")
     previous = max(earlier, key=lambda v: v.tags[PROMOTED_AT])
@@ -137,8 +140,12 @@ def gate(name: str, version: str, candidate: dict[str, float], champion: dict[st
     is no champion yet). Both sets of metrics and the decision are recorded on the version."""
     promoted = champion is None or candidate[GATE_METRIC] > champion[GATE_METRIC]
     client = MlflowClient()
-    client.set_model_version_tag(name, version, "gate", json.dumps(
-        {"metric": GATE_METRIC, "candidate": candidate, "champion": champion, "promoted": promoted}))
+    client.set_model_version_tag(
+        name,
+        version,
+        "gate",
+        json.dumps({"metric": GATE_METRIC, "candidate": candidate, "champion": champion, "promoted": promoted}),
+    )
     if promoted:
         promote(name, version)
     return promoted

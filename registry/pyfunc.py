@@ -30,7 +30,9 @@ class SpeciesClassifierModel(mlflow.pyfunc.PythonModel):
         if wanted != "eager" and self._tvm_fits(context):
             from ml.runtime import CompiledClassifier
 
-            libraries = {int(key.removeprefix(TVM_KEY)): path for key, path in context.artifacts.items() if key.startswith(TVM_KEY)}
+            libraries = {
+                int(key.removeprefix(TVM_KEY)): path for key, path in context.artifacts.items() if key.startswith(TVM_KEY)
+            }
             self.backend, self._run = TVM, CompiledClassifier(libraries)
         elif wanted == "tvm":
             raise RuntimeError("backend 'tvm' requested, but this version has no TVM library built for this CPU")

@@ -19,9 +19,11 @@ from config import get_settings
 from ml.data.synthetic import render, species_plan
 
 
-def main(url: Annotated[str | None, typer.Option(help="service URL")] = None,
-         photos: Annotated[int, typer.Option(help="how many photos the users send")] = 12,
-         seed: Annotated[int, typer.Option(help="draws photos unlike the dataset's (seed 0)")] = 2026) -> None:
+def main(
+    url: Annotated[str | None, typer.Option(help="service URL")] = None,
+    photos: Annotated[int, typer.Option(help="how many photos the users send")] = 12,
+    seed: Annotated[int, typer.Option(help="draws photos unlike the dataset's (seed 0)")] = 2026,
+) -> None:
     settings = get_settings()
     url = url or f"http://127.0.0.1:{settings.serve.port}"
     num_classes = settings.synthetic.num_classes
@@ -34,13 +36,16 @@ def main(url: Annotated[str | None, typer.Option(help="service URL")] = None,
             photo = Path(tmp) / f"photo_{i}.jpg"
             render(species_plan(truth, num_classes), settings.synthetic.image_size, rng).save(photo, quality=90)
             answer = client.predict(image=photo)
-            receipt = client.feedback(prediction_id=answer["prediction_id"], corrected_label=classes[truth],
-                                      user_id=f"demo-user-{i % 3}")
+            receipt = client.feedback(
+                prediction_id=answer["prediction_id"], corrected_label=classes[truth], user_id=f"demo-user-{i % 3}"
+            )
             wrong = answer["species"] != classes[truth]
             corrected += wrong
-            typer.echo(f"photo {i:2d}: model v{answer['model']['version']} ({answer['model']['backend']}) said "
-                       f"{answer['species']!r} p={answer['probability']:.2f} -> feedback {receipt['feedback_id']} "
-                       f"{'CORRECTED to ' + repr(classes[truth]) if wrong else 'confirmed'}")
+            typer.echo(
+                f"photo {i:2d}: model v{answer['model']['version']} ({answer['model']['backend']}) said "
+                f"{answer['species']!r} p={answer['probability']:.2f} -> feedback {receipt['feedback_id']} "
+                f"{'CORRECTED to ' + repr(classes[truth]) if wrong else 'confirmed'}"
+            )
     typer.echo(f"{photos} predictions, {corrected} corrected, {photos - corrected} confirmed")
 
 

@@ -72,8 +72,12 @@ class Stack:
     # -- where everything is --------------------------------------------------------------------
 
     def url(self, service: str) -> str:
-        ports = {"s3": self.settings.stack.s3_port, "mlflow": self.settings.stack.mlflow_port,
-                 "airflow": self.settings.stack.airflow_port, "bento": self.settings.serve.port}
+        ports = {
+            "s3": self.settings.stack.s3_port,
+            "mlflow": self.settings.stack.mlflow_port,
+            "airflow": self.settings.stack.airflow_port,
+            "bento": self.settings.serve.port,
+        }
         return f"http://127.0.0.1:{ports[service]}"
 
     def database_url(self, database: str) -> str:
@@ -116,9 +120,11 @@ class Stack:
         return self.settings.stack.executor == "CeleryExecutor"
 
     def _celery_environment(self) -> dict[str, str]:
-        return {"AIRFLOW__CELERY__BROKER_URL": self._broker_url,
-                # task states go to Airflow's own database, as in Airflow's compose file
-                "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.database_url("airflow").replace("+psycopg2", "")}
+        return {
+            "AIRFLOW__CELERY__BROKER_URL": self._broker_url,
+            # task states go to Airflow's own database, as in Airflow's compose file
+            "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.database_url("airflow").replace("+psycopg2", ""),
+        }
 
     @property
     def _broker_url(self) -> str:
@@ -130,28 +136,71 @@ class Stack:
         stack = self.settings.stack
         airflow = str(BIN / "airflow")
         return [
-            Service("postgres", [_which("postgres"), "-D", str(self.cluster), "-p", str(stack.postgres_port),
-                                 "-k", str(self.cluster), "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"],
-                    self._postgres_healthy, user=postgres.SERVER_ACCOUNT if os.geteuid() == 0 else None,
-                    before_start=self._init_cluster, after_healthy=self._create_databases),
-            Service("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(stack.s3_port)],
-                    lambda: _http_ok(f"{self.url('s3')}/moto-api/data.json"),
-                    # moto keeps objects in memory: its recording of every write, replayed on start, persists them
-                    environment={"MOTO_ENABLE_RECORDING": "True", "MOTO_RECORDER_FILEPATH": str(self._s3_recording)},
-                    after_healthy=self._restore_buckets),
-            Service("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(stack.mlflow_port),
-                               "--workers", "1", "--backend-store-uri", self.database_url("mlflow"),
-                               "--artifacts-destination", "s3://mlflow", "--serve-artifacts"],
-                    lambda: _http_ok(f"{self.url('mlflow')}/health")),
+            Service(
+                "postgres",
+                [
+                    _which("postgres"),
+                    "-D",
+                    str(self.cluster),
+                    "-p",
+                    str(stack.postgres_port),
+                    "-k",
+                    str(self.cluster),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "max_connections=200",
+                ],
+                self._postgres_healthy,
+                user=postgres.SERVER_ACCOUNT if os.geteuid() == 0 else None,
+                before_start=self._init_cluster,
+                after_healthy=self._create_databases,
+            ),
+            Service(
+                "s3",
+                [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(stack.s3_port)],
+                lambda: _http_ok(f"{self.url('s3')}/moto-api/data.json"),
+                # moto keeps objects in memory: its recording of every write, replayed on start, persists them
+                environment={"MOTO_ENABLE_RECORDING": "True", "MOTO_RECORDER_FILEPATH": str(self._s3_recording)},
+                after_healthy=self._restore_buckets,
+            ),
+            Service(
+                "mlflow",
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(stack.mlflow_port),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    self.database_url("mlflow"),
+                    "--artifacts-destination",
+                    "s3://mlflow",
+                    "--serve-artifacts",
+                ],
+                lambda: _http_ok(f"{self.url('mlflow')}/health"),
+            ),
             *([self._redis()] if self.celery else []),
-            Service("airflow-api-server", [airflow, "api-server", "--workers", "1"],
-                    lambda: _http_ok(f"{self.url('airflow')}/api/v2/monitor/health"), before_start=self._migrate_airflow),
+            Service(
+                "airflow-api-server",
+                [airflow, "api-server", "--workers", "1"],
+                lambda: _http_ok(f"{self.url('airflow')}/api/v2/monitor/health"),
+                before_start=self._migrate_airflow,
+            ),
             Service("airflow-scheduler", [airflow, "scheduler"], lambda: self._airflow_component_healthy("scheduler")),
-            Service("airflow-dag-processor", [airflow, "dag-processor"], lambda: self._airflow_component_healthy("dag_processor")),
+            Service(
+                "airflow-dag-processor", [airflow, "dag-processor"], lambda: self._airflow_component_healthy("dag_processor")
+            ),
             Service("airflow-triggerer", [airflow, "triggerer"], lambda: self._airflow_component_healthy("triggerer")),
             *(self._celery_workers() if self.celery else []),
-            Service("bento", [str(BIN / "bentoml"), "serve", "bentos.service:InsectClassifier", "--port", str(self.settings.serve.port)],
-                    lambda: _http_ok(f"{self.url('bento')}/livez")),
+            Service(
+                "bento",
+                [str(BIN / "bentoml"), "serve", "bentos.service:InsectClassifier", "--port", str(self.settings.serve.port)],
+                lambda: _http_ok(f"{self.url('bento')}/livez"),
+            ),
         ]
 
     def _redis(self) -> Service:
@@ -166,9 +215,24 @@ class Stack:
                 return False
 
         # append-only file: tasks queued when the stack stops are still queued after `make up`
-        return Service("redis", [_which("redis-server"), "--bind", "127.0.0.1", "--port", str(self.settings.stack.redis_port),
-                                 "--dir", str(data), "--appendonly", "yes", "--save", '""'],
-                       healthy, before_start=lambda: data.mkdir(exist_ok=True))
+        return Service(
+            "redis",
+            [
+                _which("redis-server"),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.settings.stack.redis_port),
+                "--dir",
+                str(data),
+                "--appendonly",
+                "yes",
+                "--save",
+                '""',
+            ],
+            healthy,
+            before_start=lambda: data.mkdir(exist_ok=True),
+        )
 
     def _celery_workers(self) -> list[Service]:
         """`airflow celery worker`s taking one task at a time, each answering Celery's ping."""
@@ -185,11 +249,17 @@ class Stack:
         workers = []
         for index in range(1, self.settings.stack.workers + 1):
             name = f"worker{index}@{socket.gethostname()}"
-            workers.append(Service(
-                f"airflow-worker-{index}", [str(BIN / "airflow"), "celery", "worker", "--concurrency", "1", "--celery-hostname", name],
-                lambda name=name: answers(name),
-                # each worker serves its task logs to the UI on a port of its own
-                environment={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.settings.stack.worker_log_port + index - 1)}))
+            workers.append(
+                Service(
+                    f"airflow-worker-{index}",
+                    [str(BIN / "airflow"), "celery", "worker", "--concurrency", "1", "--celery-hostname", name],
+                    lambda name=name: answers(name),
+                    # each worker serves its task logs to the UI on a port of its own
+                    environment={
+                        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.settings.stack.worker_log_port + index - 1)
+                    },
+                )
+            )
         return workers
 
     @property
@@ -201,7 +271,9 @@ class Stack:
         postgres.init_cluster(self.cluster, "postgres", "--auth-local=trust", "--auth-host=scram-sha-256")
 
     def _admin_connection(self):
-        return psycopg2.connect(host=str(self.cluster), port=self.settings.stack.postgres_port, user="postgres", dbname="postgres")
+        return psycopg2.connect(
+            host=str(self.cluster), port=self.settings.stack.postgres_port, user="postgres", dbname="postgres"
+        )
 
     def _postgres_healthy(self) -> bool:
         try:
@@ -228,8 +300,13 @@ class Stack:
 
         if self._s3_recording.exists():
             httpx.post(f"{self.url('s3')}/moto-api/recorder/replay-recording", timeout=600).raise_for_status()
-        s3 = boto3.client("s3", endpoint_url=self.url("s3"), aws_access_key_id=self.secrets["s3_access_key"],
-                          aws_secret_access_key=self.secrets["s3_secret_key"], region_name="us-east-1")
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=self.url("s3"),
+            aws_access_key_id=self.secrets["s3_access_key"],
+            aws_secret_access_key=self.secrets["s3_secret_key"],
+            region_name="us-east-1",
+        )
         existing = {bucket["Name"] for bucket in s3.list_buckets()["Buckets"]}
         for bucket in {"mlflow", "feedback"} - existing:
             s3.create_bucket(Bucket=bucket)
@@ -240,8 +317,13 @@ class Stack:
         fd = os.open(passwords, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump({AIRFLOW_ADMIN: self.secrets["airflow_admin_password"]}, out)
-        migrated = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env={**os.environ, **self.environment()},
-                                  capture_output=True, text=True, check=False)
+        migrated = subprocess.run(
+            [str(BIN / "airflow"), "db", "migrate"],
+            env={**os.environ, **self.environment()},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         (self.logs / "airflow-db-migrate.log").write_text(migrated.stdout + migrated.stderr)
         if migrated.returncode != 0:
             raise StackError(f"airflow db migrate failed (log: {self.logs / 'airflow-db-migrate.log'})")
@@ -269,8 +351,10 @@ class Stack:
 
     def write_supervisor_conf(self) -> None:
         sections = [
-            (f"[supervisord]\nlogfile={self.logs / 'supervisord.log'}\npidfile={self.dir / 'supervisord.pid'}\n"
-            f"childlogdir={self.logs}\ndirectory={REPO_ROOT}\n"),
+            (
+                f"[supervisord]\nlogfile={self.logs / 'supervisord.log'}\npidfile={self.dir / 'supervisord.pid'}\n"
+                f"childlogdir={self.logs}\ndirectory={REPO_ROOT}\n"
+            ),
             f"[unix_http_server]\nfile={self.socket}\nchmod=0700\n",
             f"[supervisorctl]\nserverurl=unix://{self.socket}\n",
             "[rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n",
@@ -278,9 +362,19 @@ class Stack:
         for service in self.services():
             # PostgreSQL starts in its own cluster: its account may not be allowed into the checkout
             directory = self.cluster if service.name == "postgres" else REPO_ROOT
-            lines = [f"[program:{service.name}]", f"command={' '.join(service.command)}", f"directory={directory}",
-                     "autostart=false", "autorestart=true", "startsecs=3", "stopasgroup=true", "killasgroup=true",
-                     "stopwaitsecs=30", "redirect_stderr=true", f"stdout_logfile={self.logs / service.name}.log"]
+            lines = [
+                f"[program:{service.name}]",
+                f"command={' '.join(service.command)}",
+                f"directory={directory}",
+                "autostart=false",
+                "autorestart=true",
+                "startsecs=3",
+                "stopasgroup=true",
+                "killasgroup=true",
+                "stopwaitsecs=30",
+                "redirect_stderr=true",
+                f"stdout_logfile={self.logs / service.name}.log",
+            ]
             if service.user:
                 lines.append(f"user={service.user}")
             if service.name == "postgres":
@@ -341,8 +435,11 @@ class Stack:
         if not self.supervisor_running():
             return {service.name: "stopped" for service in self.services()}
         supervisor = self._supervisor()
-        return {service.name: f"{supervisor.getProcessInfo(service.name)['statename'].lower()}"
-                              f"{', healthy' if service.healthy() else ''}" for service in self.services()}
+        return {
+            service.name: f"{supervisor.getProcessInfo(service.name)['statename'].lower()}"
+            f"{', healthy' if service.healthy() else ''}"
+            for service in self.services()
+        }
 
     def logins(self) -> list[str]:
         return [
@@ -350,8 +447,10 @@ class Stack:
             f"MLflow UI    {self.url('mlflow')}",
             f"Bento API    {self.url('bento')}   (OpenAPI docs at /docs)",
             f"S3 API       {self.url('s3')}   keys in {self.dir / 'secrets.json'} (s3_access_key, s3_secret_key)",
-            (f"PostgreSQL   127.0.0.1:{self.settings.stack.postgres_port}   databases {', '.join(DATABASES)}, "
-            "one role each (passwords in secrets.json)"),
+            (
+                f"PostgreSQL   127.0.0.1:{self.settings.stack.postgres_port}   databases {', '.join(DATABASES)}, "
+                "one role each (passwords in secrets.json)"
+            ),
         ]
 
 

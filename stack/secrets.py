@@ -8,14 +8,21 @@ import secrets
 from pathlib import Path
 
 NAMES = (
-    "airflow_db_password", "mlflow_db_password", "feedback_db_password",  # one PostgreSQL role each
-    "airflow_admin_password", "airflow_jwt_secret", "airflow_api_secret_key",
-    "s3_access_key", "s3_secret_key",
+    "airflow_db_password",
+    "mlflow_db_password",
+    "feedback_db_password",  # one PostgreSQL role each
+    "airflow_admin_password",
+    "airflow_jwt_secret",
+    "airflow_api_secret_key",
+    "s3_access_key",
+    "s3_secret_key",
     "postgres_password",  # the superuser's, where a container image asks for one (compose)
 )
 # The variable each secret goes by in a deployment's .env: the AWS SDKs' names for the S3 keys.
 ENV_NAMES = {name: name.upper() for name in NAMES} | {
-    "s3_access_key": "AWS_ACCESS_KEY_ID", "s3_secret_key": "AWS_SECRET_ACCESS_KEY"}
+    "s3_access_key": "AWS_ACCESS_KEY_ID",
+    "s3_secret_key": "AWS_SECRET_ACCESS_KEY",
+}
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -46,8 +46,12 @@ def register_tiny_model(classes: list[str], seed: int, champion: bool = True) ->
     with tempfile.TemporaryDirectory() as tmp, tracked_run(get_settings()):
         path = Path(tmp) / "model.pt2"
         torch.export.save(export(model), path)
-        version = register_model(get_settings().registered_model_name, {"exported": path},
-                                 {"classes": classes, "image_size": model.image_size}, tags={})
+        version = register_model(
+            get_settings().registered_model_name,
+            {"exported": path},
+            {"classes": classes, "image_size": model.image_size},
+            tags={},
+        )
     if champion:
         promote(get_settings().registered_model_name, version.version)
     return str(version.version)
@@ -65,5 +69,12 @@ def post_feedback(settings, data: bytes, label: str, predicted: str = "rice leaf
     sha = hashlib.sha256(data).hexdigest()
     key = image_key(settings.feedback.s3_prefix, sha, ".png")
     image_store(settings).put(key, data, "image/png")
-    return db.record_feedback(db.engine(settings), image_sha256=sha, image_key=key, predicted_label=predicted,
-                              corrected_label=label, user_id="tester", prediction_id=None)
+    return db.record_feedback(
+        db.engine(settings),
+        image_sha256=sha,
+        image_key=key,
+        predicted_label=predicted,
+        corrected_label=label,
+        user_id="tester",
+        prediction_id=None,
+    )

@@ -29,8 +29,10 @@ def test_report_tables_speedups_against_eager_and_draws_the_plot(tmp_path):
         return Timing(model, runtime, 1, np.full(10, ms / 1e3), 1.0, 0.26, 0.0, 1.0)
 
     timings = [timing(m, r, ms) for m in ("unpruned", "pruned") for r, ms in (("eager", 4.0), ("tvm", 2.0))]
-    quality = {"unpruned": {"flops": 200e6, "params": 2e6, "top1": 0.90, "top5": 1.0, "macro_f1": 0.9},
-               "pruned": {"flops": 120e6, "params": 1e6, "top1": 0.89, "top5": 1.0, "macro_f1": 0.88}}
+    quality = {
+        "unpruned": {"flops": 200e6, "params": 2e6, "top1": 0.90, "top5": 1.0, "macro_f1": 0.9},
+        "pruned": {"flops": 120e6, "params": 1e6, "top1": 0.89, "top5": 1.0, "macro_f1": 0.88},
+    }
     write_report(tmp_path, timings, quality, peak_gflops=300.0, run_dir=tmp_path, pruned_top1_by_seed={0: 0.89, 1: 0.91})
     report = (tmp_path / "REPORT.md").read_text()
     assert "**40.0% fewer**" in report and "lost **1.0 points**" in report

@@ -49,4 +49,3 @@ def test_failure_report_names_the_task_the_run_the_tries_and_the_error(caplog):
     with caplog.at_level(logging.ERROR):
         report_failure({"ti": ti, "task": SimpleNamespace(retries=2), "exception": RuntimeError("out of memory")})
     assert "TASK FAILED: retrain.train in run scheduled__x, try 3 of 3: RuntimeError('out of memory')" in caplog.text
-

@@ -26,8 +26,13 @@ def _airflow(args: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 def _airflow_env(settings, tmp_path) -> dict:
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-           "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"), "MLFLOW_TRACKING_URI": settings.tracking_uri}
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "MLFLOW_TRACKING_URI": settings.tracking_uri,
+    }
     assert _airflow(["db", "migrate"], env).returncode == 0
     return env
 
@@ -37,9 +42,13 @@ def test_ingest_dag_publishes_a_dataset_version_and_an_asset_event(live_settings
     settings = live_settings
     classes = read_classes(settings.resolved_dataset_dir)
     ids = [post_feedback(settings, photo_bytes(10 + i), classes[i % len(classes)]) for i in range(3)]
-    env = {**_airflow_env(settings, tmp_path), "INSECT_FEEDBACK__DATABASE_URL": settings.feedback.database_url,
-           "INSECT_FEEDBACK__S3_BUCKET": settings.feedback.s3_bucket,
-           "INSECT_FEEDBACK__S3_ENDPOINT_URL": settings.feedback.s3_endpoint_url, "INSECT_FEEDBACK__MIN_NEW_SAMPLES": "3"}
+    env = {
+        **_airflow_env(settings, tmp_path),
+        "INSECT_FEEDBACK__DATABASE_URL": settings.feedback.database_url,
+        "INSECT_FEEDBACK__S3_BUCKET": settings.feedback.s3_bucket,
+        "INSECT_FEEDBACK__S3_ENDPOINT_URL": settings.feedback.s3_endpoint_url,
+        "INSECT_FEEDBACK__MIN_NEW_SAMPLES": "3",
+    }
     result = _airflow(["dags", "test", "ingest_feedback"], env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 

@@ -15,8 +15,9 @@ from tests.support import photo_bytes, post_feedback
 def _stage_validate_publish(settings):
     staged = stage(settings)
     validate_dataset(staged.staging_dir, settings.work_dir / "validation")
-    publish(settings, staged.staging_dir, staged.target_dir, staged.feedback_ids,
-            staged.summary.added + staged.summary.relabelled)
+    publish(
+        settings, staged.staging_dir, staged.target_dir, staged.feedback_ids, staged.summary.added + staged.summary.relabelled
+    )
     return staged
 
 

@@ -65,8 +65,9 @@ def test_mounted_files_exist_and_the_database_script_creates_what_make_up_create
 def test_every_variable_compose_and_kubernetes_interpolate_comes_from_the_env_file():
     text = (REPO / "docker-compose.yml").read_text()
     compose_vars = set(re.findall(r"(?<!\$)\$\{(\w+)", text))
-    kubernetes_vars = set(re.findall(r"\$\((\w+)\)", (KUBERNETES / "platform.yaml").read_text()
-                                     + (KUBERNETES / "airflow-values.yaml").read_text()))
+    kubernetes_vars = set(
+        re.findall(r"\$\((\w+)\)", (KUBERNETES / "platform.yaml").read_text() + (KUBERNETES / "airflow-values.yaml").read_text())
+    )
     configmap = {k for doc in MANIFESTS if doc["kind"] == "ConfigMap" for k in doc["data"]}
     assert compose_vars and compose_vars <= set(secrets.ENV_NAMES.values())
     assert kubernetes_vars and kubernetes_vars <= set(secrets.ENV_NAMES.values()) | configmap
@@ -107,8 +108,9 @@ def test_deployments_set_what_make_up_sets(tmp_path, monkeypatch):
     assert service_env - kubernetes == set()
 
 
-@pytest.mark.parametrize(("service", "port"), [("mlflow", "mlflow_port"), ("airflow-apiserver", "airflow_port"),
-                                               ("minio", "s3_port"), ("bento", None)])
+@pytest.mark.parametrize(
+    ("service", "port"), [("mlflow", "mlflow_port"), ("airflow-apiserver", "airflow_port"), ("minio", "s3_port"), ("bento", None)]
+)
 def test_published_ports_are_the_configured_ones(service, port):
     settings = Settings()
     expected = settings.serve.port if port is None else getattr(settings.stack, port)
@@ -151,8 +153,11 @@ def test_bentofile_names_the_service_and_existing_files_and_the_locked_versions(
     for pattern in bentofile["include"]:
         assert list(REPO.glob(pattern)), pattern
     locked = {p["name"]: p["version"] for p in tomllib.loads((REPO / "uv.lock").read_text())["package"]}
-    pinned = [line.split(";")[0].strip() for line in (REPO / bentofile["python"]["requirements_txt"]).read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    pinned = [
+        line.split(";")[0].strip()
+        for line in (REPO / bentofile["python"]["requirements_txt"]).read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert pinned, "no requirements exported"
     for requirement in pinned:
         name, _, version = requirement.partition("==")

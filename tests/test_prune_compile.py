@@ -55,7 +55,9 @@ def test_pruning_removes_mlp_channels_and_heads_and_keeps_the_model_working(tiny
     flops_after, params_after = count_flops(model)
     blocks = model.visual.transformer.resblocks
     assert {block.mlp.c_fc.out_features for block in blocks} == {384}  # 768 * 0.5
-    assert {(block.attn.num_heads, block.attn.qkv.out_features, block.attn.proj.in_features) for block in blocks} == {(2, 384, 128)}
+    assert {(block.attn.num_heads, block.attn.qkv.out_features, block.attn.proj.in_features) for block in blocks} == {
+        (2, 384, 128)
+    }
     assert flops_after < 0.6 * flops_before and params_after < params_before
     assert model(torch.rand(2, 3, 64, 64)).shape == (2, 4)
     assert all(p.grad is None for p in model.parameters())  # Taylor's gradients are not left behind
@@ -101,7 +103,9 @@ def test_aligned_zeros_start_where_tvm_takes_them_without_a_copy(shape):
 
 def test_tvm_llvm_build_matches_eager(tiny_model, tiny_dataset, tmp_path, settings):
     untuned = settings.compile.model_copy(update={"tuning_trials": 0})
-    compiled = CompiledClassifier({b: build_static(tiny_model, b, untuned, tmp_path / "tuning", tmp_path / f"b{b}.so") for b in (1, 2)})
+    compiled = CompiledClassifier(
+        {b: build_static(tiny_model, b, untuned, tmp_path / "tuning", tmp_path / f"b{b}.so") for b in (1, 2)}
+    )
     batch = np.random.default_rng(0).random((5, 3, 64, 64), dtype=np.float32)
     with torch.inference_mode():
         eager = tiny_model(torch.from_numpy(batch)).numpy()
@@ -114,9 +118,13 @@ def test_compiled_classifier_runs_tvm_on_every_physical_core(tiny_model, tmp_pat
     """TVM alone would take half the logical CPUs: one of this machine's two cores."""
     import psutil
 
-    library = build_static(tiny_model, 1, settings.compile.model_copy(update={"tuning_trials": 0}), tmp_path / "tuning", tmp_path / "b1.so")
-    threads_after_load = (f"import tvm_ffi; from ml.runtime import CompiledClassifier; CompiledClassifier({{1: {str(library)!r}}}); "
-                          "print(tvm_ffi.get_global_func('runtime.NumThreads')())")
+    library = build_static(
+        tiny_model, 1, settings.compile.model_copy(update={"tuning_trials": 0}), tmp_path / "tuning", tmp_path / "b1.so"
+    )
+    threads_after_load = (
+        f"import tvm_ffi; from ml.runtime import CompiledClassifier; CompiledClassifier({{1: {str(library)!r}}}); "
+        "print(tvm_ffi.get_global_func('runtime.NumThreads')())"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
     out = subprocess.run([sys.executable, "-c", threads_after_load], env=env, capture_output=True, text=True, check=True)
     assert int(out.stdout.split()[-1]) == psutil.cpu_count(logical=False)

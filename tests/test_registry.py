@@ -40,8 +40,9 @@ def artifacts(tmp_path):
 
 def _register(settings, artifacts, top1, champion):
     with run(settings):
-        version = register_model(settings.registered_model_name, artifacts, {"classes": CLASSES, "image_size": 64},
-                                 tags={"dataset_digest": "d1"})
+        version = register_model(
+            settings.registered_model_name, artifacts, {"classes": CLASSES, "image_size": 64}, tags={"dataset_digest": "d1"}
+        )
         promoted = gate(settings.registered_model_name, version.version, {"top1": top1}, champion)
     return version, promoted
 
@@ -119,8 +120,12 @@ def test_a_version_with_a_tvm_library_for_this_cpu_is_served_by_tvm(settings, ar
     untuned = settings.compile.model_copy(update={"tuning_trials": 0})
     files = {**files, "tvm_llvm_b1": build_static(model, 1, untuned, tmp_path / "tuning", tmp_path / "b1.so")}
     with run(settings):
-        register_model(settings.registered_model_name, files,
-                       {"classes": CLASSES, "image_size": 64, "tvm_llvm_target": host_target()}, tags={})
+        register_model(
+            settings.registered_model_name,
+            files,
+            {"classes": CLASSES, "image_size": 64, "tvm_llvm_target": host_target()},
+            tags={},
+        )
     promote(settings.registered_model_name, "1")
     served = load_verified(settings.registered_model_name)
     assert served.backend == "tvm-llvm"

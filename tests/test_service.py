@@ -30,10 +30,17 @@ def server(tmp_path_factory, tiny_dataset, postgres_url, s3_endpoint):
     """The service on a fresh port, serving v1 of a registry in a temp dir."""
     data_dir = tmp_path_factory.mktemp("service")
     port = free_port()
-    env = {**TINY_ENV, "INSECT_DATA_DIR": str(data_dir), "MLFLOW_TRACKING_URI": f"sqlite:///{data_dir / 'mlflow.db'}",
-           "INSECT_FEEDBACK__DATABASE_URL": postgres_url, "INSECT_FEEDBACK__S3_BUCKET": BUCKET,
-           "INSECT_FEEDBACK__S3_ENDPOINT_URL": s3_endpoint, "INSECT_FEEDBACK__MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
-           "INSECT_SERVE__RELOAD_INTERVAL_S": "1", "INSECT_SERVE__PORT": str(port)}
+    env = {
+        **TINY_ENV,
+        "INSECT_DATA_DIR": str(data_dir),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{data_dir / 'mlflow.db'}",
+        "INSECT_FEEDBACK__DATABASE_URL": postgres_url,
+        "INSECT_FEEDBACK__S3_BUCKET": BUCKET,
+        "INSECT_FEEDBACK__S3_ENDPOINT_URL": s3_endpoint,
+        "INSECT_FEEDBACK__MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
+        "INSECT_SERVE__RELOAD_INTERVAL_S": "1",
+        "INSECT_SERVE__PORT": str(port),
+    }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
@@ -41,9 +48,13 @@ def server(tmp_path_factory, tiny_dataset, postgres_url, s3_endpoint):
         classes = read_classes(tiny_dataset)
         register_tiny_model(classes, seed=0)
         with open(data_dir / "bento.log", "w") as log:
-            process = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve",
-                                        "bentos.service:InsectClassifier", "--port", str(port)],
-                                       cwd=REPO, env={**os.environ}, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [str(Path(sys.executable).with_name("bentoml")), "serve", "bentos.service:InsectClassifier", "--port", str(port)],
+                cwd=REPO,
+                env={**os.environ},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         base = f"http://127.0.0.1:{port}"
         try:
             _wait_ready(base, process, data_dir / "bento.log")
@@ -79,8 +90,12 @@ def _feedback_rows(where) -> int:
 
 
 def test_predict_returns_a_known_species(server):
-    response = httpx.post(f"{server['base']}/predict", files={"image": ("bug.jpg", _jpeg(server["dataset"]), "image/jpeg")},
-                          data={"top_k": "2"}, timeout=30)
+    response = httpx.post(
+        f"{server['base']}/predict",
+        files={"image": ("bug.jpg", _jpeg(server["dataset"]), "image/jpeg")},
+        data={"top_k": "2"},
+        timeout=30,
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["species"] in server["classes"] and len(body["top_k"]) == 2
@@ -91,9 +106,12 @@ def test_predict_returns_a_known_species(server):
 
 def test_feedback_lands_as_a_row_and_an_object(server):
     image = _jpeg(server["dataset"], 1)
-    response = httpx.post(f"{server['base']}/feedback", files={"image": ("bug.jpg", image, "image/jpeg")},
-                          data={"predicted_label": server["classes"][0], "corrected_label": server["classes"][1],
-                                "user_id": "ann"}, timeout=30)
+    response = httpx.post(
+        f"{server['base']}/feedback",
+        files={"image": ("bug.jpg", image, "image/jpeg")},
+        data={"predicted_label": server["classes"][0], "corrected_label": server["classes"][1], "user_id": "ann"},
+        timeout=30,
+    )
     assert response.status_code == 200, response.text
     receipt = response.json()
     assert _feedback_rows(feedback_table.c.id == receipt["feedback_id"]) == 1
@@ -103,10 +121,14 @@ def test_feedback_lands_as_a_row_and_an_object(server):
 
 
 def test_feedback_on_an_earlier_prediction(server):
-    predicted = httpx.post(f"{server['base']}/predict", files={"image": ("bug.jpg", _jpeg(server["dataset"], 2), "image/jpeg")},
-                           timeout=30).json()
-    response = httpx.post(f"{server['base']}/feedback", data={"prediction_id": predicted["prediction_id"],
-                                                              "corrected_label": server["classes"][2]}, timeout=30)
+    predicted = httpx.post(
+        f"{server['base']}/predict", files={"image": ("bug.jpg", _jpeg(server["dataset"], 2), "image/jpeg")}, timeout=30
+    ).json()
+    response = httpx.post(
+        f"{server['base']}/feedback",
+        data={"prediction_id": predicted["prediction_id"], "corrected_label": server["classes"][2]},
+        timeout=30,
+    )
     assert response.status_code == 200, response.text
     assert _feedback_rows(feedback_table.c.prediction_id == predicted["prediction_id"]) == 1
 
@@ -116,11 +138,17 @@ def test_200_concurrent_feedback_posts_land_exactly_once(server):
     labels = server["classes"]
 
     async def post_all() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=server["base"], timeout=120,
-                                     limits=httpx.Limits(max_connections=200)) as client:
-            return await asyncio.gather(*(client.post("/feedback", files={"image": ("bug.jpg", image, "image/jpeg")},
-                                                      data={"predicted_label": labels[0], "corrected_label": labels[1],
-                                                            "user_id": f"load-{i}"}) for i in range(200)))
+        async with httpx.AsyncClient(base_url=server["base"], timeout=120, limits=httpx.Limits(max_connections=200)) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        "/feedback",
+                        files={"image": ("bug.jpg", image, "image/jpeg")},
+                        data={"predicted_label": labels[0], "corrected_label": labels[1], "user_id": f"load-{i}"},
+                    )
+                    for i in range(200)
+                )
+            )
 
     responses = asyncio.run(post_all())
     assert [r.status_code for r in responses] == [200] * 200
@@ -147,14 +175,22 @@ BAD_REQUESTS = {
     "too large": ("/predict", {"image": ("a.png", os.urandom(MAX_IMAGE_BYTES + 1), "image/png")}, {}, 413),
     "no image field": ("/predict", None, {"top_k": "3"}, 400),
     "top_k not a number": ("/predict", {"image": ("a.png", _png(40), "image/png")}, {"top_k": "many"}, 400),
-    "unknown label": ("/feedback", {"image": ("a.png", _png(40), "image/png")},
-                      {"predicted_label": "x", "corrected_label": "dragon"}, 422),
+    "unknown label": (
+        "/feedback",
+        {"image": ("a.png", _png(40), "image/png")},
+        {"predicted_label": "x", "corrected_label": "dragon"},
+        422,
+    ),
     "no corrected label": ("/feedback", {"image": ("a.png", _png(40), "image/png")}, {"predicted_label": "x"}, 400),
     "unknown prediction id": ("/feedback", None, {"prediction_id": "nope", "corrected_label": "{0}"}, 404),
     "neither image nor prediction": ("/feedback", None, {"corrected_label": "{0}"}, 400),
     "image without predicted label": ("/feedback", {"image": ("a.png", _png(40), "image/png")}, {"corrected_label": "{0}"}, 400),
-    "feedback image not an image": ("/feedback", {"image": ("a.jpg", b"\xff\xd8 broken", "image/jpeg")},
-                                    {"predicted_label": "{0}", "corrected_label": "{0}"}, 415),
+    "feedback image not an image": (
+        "/feedback",
+        {"image": ("a.jpg", b"\xff\xd8 broken", "image/jpeg")},
+        {"predicted_label": "{0}", "corrected_label": "{0}"},
+        415,
+    ),
 }
 
 
@@ -183,8 +219,9 @@ def test_a_promoted_version_is_served_without_restart(server):
     while httpx.post(f"{server['base']}/model").json()["version"] != version:
         assert time.monotonic() < deadline, "the service did not pick up the new champion"
         time.sleep(0.5)
-    predicted = httpx.post(f"{server['base']}/predict", files={"image": ("bug.jpg", _jpeg(server["dataset"]), "image/jpeg")},
-                           timeout=30).json()
+    predicted = httpx.post(
+        f"{server['base']}/predict", files={"image": ("bug.jpg", _jpeg(server["dataset"]), "image/jpeg")}, timeout=30
+    ).json()
     assert predicted["model"]["version"] == version
 
 

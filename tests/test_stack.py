@@ -54,7 +54,9 @@ def stack_env(monkeypatch):
 
 
 def make(target: str, env: dict) -> str:
-    done = subprocess.run([sys.executable, "-m", "stack", target], check=False, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "stack", target], check=False, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -125,10 +127,16 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
     through MLflow's REST API is served without a restart -> both UIs in Chromium -> `make down`
     leaves nothing running -> after `make up` again the registry and the buckets hold everything."""
     env, ports = stack_env
-    env.update(TINY_ENV, INSECT_DATASET_DIR=str(tiny_dataset), INSECT_FEEDBACK__INGEST_SCHEDULE="* * * * *",
-               INSECT_FEEDBACK__MIN_NEW_SAMPLES="4", INSECT_SERVE__RELOAD_INTERVAL_S="2",
-               INSECT_STACK__EXECUTOR="celery", INSECT_STACK__WORKERS="2",
-               INSECT_COMPILE__CUDA_ARCHS="[]")  # the CUDA cross-compile has a test of its own
+    env.update(
+        TINY_ENV,
+        INSECT_DATASET_DIR=str(tiny_dataset),
+        INSECT_FEEDBACK__INGEST_SCHEDULE="* * * * *",
+        INSECT_FEEDBACK__MIN_NEW_SAMPLES="4",
+        INSECT_SERVE__RELOAD_INTERVAL_S="2",
+        INSECT_STACK__EXECUTOR="celery",
+        INSECT_STACK__WORKERS="2",
+        INSECT_COMPILE__CUDA_ARCHS="[]",
+    )  # the CUDA cross-compile has a test of its own
     for key, value in env.items():
         if key.startswith("INSECT_"):
             monkeypatch.setenv(key, value)
@@ -142,25 +150,44 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
     timings = {"make up to healthy, s": round(time.monotonic() - started)}
     assert "all healthy" in out and "Airflow UI" in out and "password" in out
     assert "already running" in make("up", env)  # a second `make up` is harmless
-    timings["stack resident memory, MiB"] = round(sum(p.memory_info().rss for p in stack_processes(env["INSECT_DATA_DIR"])) / 2**20)
+    timings["stack resident memory, MiB"] = round(
+        sum(p.memory_info().rss for p in stack_processes(env["INSECT_DATA_DIR"])) / 2**20
+    )
 
     eventually(lambda: served_version(bento) == "1", 900, "the first model, served", stack.dir)
     loop_started = time.monotonic()
-    feedback_round = subprocess.run([sys.executable, "scripts/feedback_round.py", "--url", bento, "--photos", "4"],
-                                    env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    feedback_round = subprocess.run(
+        [sys.executable, "scripts/feedback_round.py", "--url", bento, "--photos", "4"],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert feedback_round.returncode == 0, feedback_round.stderr
 
     client = mlflow.MlflowClient(stack.url("mlflow"))
-    eventually(lambda: any(v.version == "2" for v in client.search_model_versions(f"name='{name}'")) and
-               all(run["state"] == "success" for run in dag_runs(stack, "retrain")), 900,
-               "a second version, retrained on the feedback", stack.dir)
+    eventually(
+        lambda: (
+            any(v.version == "2" for v in client.search_model_versions(f"name='{name}'"))
+            and all(run["state"] == "success" for run in dag_runs(stack, "retrain"))
+        ),
+        900,
+        "a second version, retrained on the feedback",
+        stack.dir,
+    )
     timings["feedback to a new registered version, s"] = round(time.monotonic() - loop_started)
     assert any(run["run_type"] == "scheduled" and run["state"] == "success" for run in dag_runs(stack, "ingest_feedback"))
     assert [run["run_type"] for run in dag_runs(stack, "retrain")] == ["scheduled", "asset_triggered"]
     done = tasks_done_by_workers(stack)
     assert set(done) == {"airflow-worker-1", "airflow-worker-2"} and sum(done.values()) > 0, done
-    s3 = boto3.client("s3", endpoint_url=stack.url("s3"), region_name="us-east-1",
-                      aws_access_key_id=stack.secrets["s3_access_key"], aws_secret_access_key=stack.secrets["s3_secret_key"])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.url("s3"),
+        region_name="us-east-1",
+        aws_access_key_id=stack.secrets["s3_access_key"],
+        aws_secret_access_key=stack.secrets["s3_secret_key"],
+    )
     assert any(obj["Key"].endswith(".so") for obj in s3.list_objects_v2(Bucket="mlflow")["Contents"])  # model artifacts
     assert s3.list_objects_v2(Bucket="feedback")["KeyCount"] > 0  # the users' photos
 
@@ -217,11 +244,22 @@ def browser(tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--window-size=1400,900",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chromium'}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--window-size=1400,900",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
+    driver = webdriver.Chrome(
+        options=options, service=webdriver.ChromeService(shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    )
     yield driver
     driver.quit()
 

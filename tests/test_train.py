@@ -23,8 +23,9 @@ def test_training_steps_through_deepspeed(settings, tmp_path, monkeypatch):
     before = model.head.weight.detach().clone()
     cfg = settings.train.model_copy(update={"max_steps_per_epoch": 2})
     with tracked_run(settings) as run:
-        top1, epochs = finetune_classifier(model, settings.resolved_dataset_dir, cfg, epochs=1, stage="smoke",
-                                           checkpoint_dir=tmp_path / "ckpt")
+        top1, epochs = finetune_classifier(
+            model, settings.resolved_dataset_dir, cfg, epochs=1, stage="smoke", checkpoint_dir=tmp_path / "ckpt"
+        )
     assert epochs == 1 and 0.0 <= top1 <= 1.0
     assert not torch.equal(before, model.head.weight)  # the optimizer stepped
     assert (tmp_path / "ckpt" / "smoke-best").is_dir()  # DeepSpeed checkpoint written
@@ -40,14 +41,26 @@ def test_two_processes_through_the_deepspeed_launcher_follow_the_single_process_
     within LOSS_CURVE_TOLERANCE of one process's; rank 0 alone logs and writes the classifier."""
     curves = {}
     for world_size in (1, 2):
-        train_cfg = settings.train.model_copy(update={"world_size": world_size, "pretrain_epochs": 3, "finetune_epochs": 3,
-                                                      "patience": 3, "master_port": free_port()})
+        train_cfg = settings.train.model_copy(
+            update={
+                "world_size": world_size,
+                "pretrain_epochs": 3,
+                "finetune_epochs": 3,
+                "patience": 3,
+                "master_port": free_port(),
+            }
+        )
         run_settings = settings.model_copy(update={"train": train_cfg})
         with tracked_run(settings) as active:
             result = train(run_settings, settings.resolved_dataset_dir, tmp_path / f"world{world_size}")
         client = mlflow.MlflowClient()
-        curves[world_size] = {stage: [m.value for m in sorted(client.get_metric_history(active.info.run_id, f"{stage}_train_loss"),
-                                                              key=lambda m: m.step)] for stage in ("coca", "classifier")}
+        curves[world_size] = {
+            stage: [
+                m.value
+                for m in sorted(client.get_metric_history(active.info.run_id, f"{stage}_train_loss"), key=lambda m: m.step)
+            ]
+            for stage in ("coca", "classifier")
+        }
         assert result.model_path.is_file() and result.epochs_run == 3
         assert mlflow.get_run(active.info.run_id).data.params["train.world_size"] == str(world_size)
     print(f"per-epoch training loss by world size: {curves}")
@@ -62,7 +75,9 @@ def test_zero3_shards_train_into_a_whole_classifier(settings, tmp_path):
     """ZeRO-3 leaves each rank a slice of every weight: the classifier written must be whole."""
     zero3 = json.loads(settings.train.deepspeed_config.read_text()) | {"zero_optimization": {"stage": 3}}
     (tmp_path / "zero3.json").write_text(json.dumps(zero3))
-    train_cfg = settings.train.model_copy(update={"world_size": 2, "deepspeed_config": tmp_path / "zero3.json", "master_port": free_port()})
+    train_cfg = settings.train.model_copy(
+        update={"world_size": 2, "deepspeed_config": tmp_path / "zero3.json", "master_port": free_port()}
+    )
     with tracked_run(settings):
         result = train(settings.model_copy(update={"train": train_cfg}), settings.resolved_dataset_dir, tmp_path / "out")
     trained = torch.load(result.model_path, weights_only=False)

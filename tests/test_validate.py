@@ -18,14 +18,22 @@ def test_valid_dataset_passes(tiny_dataset, tmp_path):
     assert summary.report_path.is_file()
 
 
-@pytest.mark.parametrize("corrupt, expected", [
-    (lambda r: (r / "images" / "000_0000.jpg").write_bytes(b"not a jpeg"), "decodes"),
-    (lambda r: (r / "images" / "000_0001.jpg").unlink(), "sha256"),
-    (lambda r: (r / "val.txt").write_text((r / "val.txt").read_text() + "000_0002.jpg 0\n"), "splits_with_same_image"),
-    (lambda r: (r / "test.txt").write_text((r / "test.txt").read_text() + "000_0003.jpg 9\n"), "label"),
-    (lambda r: (r / "train.txt").write_text("".join(l + "\n" for l in (r / "train.txt").read_text().split("\n") if l and not l.endswith(" 2"))),
-     "expect_column_distinct_values_to_contain_set"),
-], ids=["undecodable", "missing", "duplicate-across-splits", "label-out-of-range", "empty-class"])
+@pytest.mark.parametrize(
+    "corrupt, expected",
+    [
+        (lambda r: (r / "images" / "000_0000.jpg").write_bytes(b"not a jpeg"), "decodes"),
+        (lambda r: (r / "images" / "000_0001.jpg").unlink(), "sha256"),
+        (lambda r: (r / "val.txt").write_text((r / "val.txt").read_text() + "000_0002.jpg 0\n"), "splits_with_same_image"),
+        (lambda r: (r / "test.txt").write_text((r / "test.txt").read_text() + "000_0003.jpg 9\n"), "label"),
+        (
+            lambda r: (r / "train.txt").write_text(
+                "".join(l + "\n" for l in (r / "train.txt").read_text().split("\n") if l and not l.endswith(" 2"))
+            ),
+            "expect_column_distinct_values_to_contain_set",
+        ),
+    ],
+    ids=["undecodable", "missing", "duplicate-across-splits", "label-out-of-range", "empty-class"],
+)
 def test_corrupted_dataset_fails_with_readable_report(copy_of, tmp_path, corrupt, expected):
     corrupt(copy_of)
     with pytest.raises(DataValidationError, match=expected) as failure:

@@ -106,8 +106,13 @@ def build_static(model: torch.nn.Module, batch: int, cfg: CompileConfig, tuning_
     kernels = fused_kernels(to_relax(export(model, batch)), target)
     database = tune(kernels, target, cfg.tuning_trials, tuning_dir, workers=os.cpu_count())
     with target, database, tvm.transform.PassContext(opt_level=3):
-        tuned = tvm.transform.Sequential([relax.transform.MetaScheduleApplyDatabase(),
-                                          relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()])(kernels)
+        tuned = tvm.transform.Sequential(
+            [
+                relax.transform.MetaScheduleApplyDatabase(),
+                relax.transform.SplitLayoutRewritePreproc(),
+                relax.transform.FoldConstant(),
+            ]
+        )(kernels)
         relax.build(tuned, target=target).export_library(str(out_path))
     return out_path
 
@@ -123,8 +128,9 @@ def build(mod, target: dict):
 
         with tvm_target:
             mod = relax.get_pipeline("zero")(mod)
-            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+            mod = dl.ApplyDefaultSchedule(
+                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+            )(mod)
     return tvm.relax.build(mod, target=tvm_target)
 
 
@@ -144,8 +150,10 @@ def check_parity(model: torch.nn.Module, compiled, dataset_dir: Path, cfg: Compi
     max_diff = float(np.abs(eager - tvm_logits).max())
     agreement = float(np.mean(eager.argmax(1) == tvm_logits.argmax(1)))
     if max_diff > cfg.max_abs_diff or agreement < cfg.min_top1_agreement:
-        raise ParityError(f"TVM disagrees with eager: max |logit diff| {max_diff:.2e} (bound {cfg.max_abs_diff:.0e}), "
-                          f"top-1 agreement {agreement:.4f} (bound {cfg.min_top1_agreement})")
+        raise ParityError(
+            f"TVM disagrees with eager: max |logit diff| {max_diff:.2e} (bound {cfg.max_abs_diff:.0e}), "
+            f"top-1 agreement {agreement:.4f} (bound {cfg.min_top1_agreement})"
+        )
     return max_diff, agreement
 
 
@@ -159,8 +167,10 @@ def compile_model(model_path: Path, dataset_dir: Path, cfg: CompileConfig, out_d
     program = export(model)
     exported_path = out_dir / "model.pt2"
     torch.export.save(program, exported_path)
-    llvm_paths = {batch: build_static(model, batch, cfg, tuning_dir, out_dir / f"model_llvm_b{batch}.so")
-                  for batch in tqdm(cfg.batch_sizes, desc="tuning + building for the CPU", unit="batch size")}
+    llvm_paths = {
+        batch: build_static(model, batch, cfg, tuning_dir, out_dir / f"model_llvm_b{batch}.so")
+        for batch in tqdm(cfg.batch_sizes, desc="tuning + building for the CPU", unit="batch size")
+    }
     max_diff, agreement = check_parity(model, CompiledClassifier(llvm_paths), dataset_dir, cfg)
     mod = to_relax(program)
     cuda_paths = {}
@@ -171,8 +181,14 @@ def compile_model(model_path: Path, dataset_dir: Path, cfg: CompileConfig, out_d
             cuda_paths[arch] = out_dir / f"model_cuda_{arch}.so"
             executable.export_library(str(cuda_paths[arch]))
     target = host_target()
-    mlflow.log_params({"compile.llvm_mcpu": target["mcpu"], "compile.cuda_archs": ",".join(cuda_paths) or "none",
-                       "compile.batch_sizes": ",".join(map(str, cfg.batch_sizes)), "compile.tuning_trials": cfg.tuning_trials})
+    mlflow.log_params(
+        {
+            "compile.llvm_mcpu": target["mcpu"],
+            "compile.cuda_archs": ",".join(cuda_paths) or "none",
+            "compile.batch_sizes": ",".join(map(str, cfg.batch_sizes)),
+            "compile.tuning_trials": cfg.tuning_trials,
+        }
+    )
     mlflow.log_metrics({"tvm_max_abs_diff": max_diff, "tvm_top1_agreement": agreement})
     for name in ("database_workload.json", "database_tuning_record.json"):
         if (tuning_dir / name).exists():

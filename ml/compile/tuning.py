@@ -42,9 +42,12 @@ class WarmLocalBuilder(PyBuilder):
 
     def build(self, build_inputs: list) -> list[BuilderResult]:
         jobs = [(None, None, i.mod, i.target, local_builder._serialize_params(i.params)) for i in build_inputs]
-        return [BuilderResult(r.value, None) if r.status == StatusKind.COMPLETE else
-                BuilderResult(None, f"build {r.status.name.lower()}: {r.value}")
-                for r in self._pool.map_with_error_catching(lambda job: local_builder._worker_func(*job), jobs)]
+        return [
+            BuilderResult(r.value, None)
+            if r.status == StatusKind.COMPLETE
+            else BuilderResult(None, f"build {r.status.name.lower()}: {r.value}")
+            for r in self._pool.map_with_error_catching(lambda job: local_builder._worker_func(*job), jobs)
+        ]
 
 
 def _databases(tuning_dir: Path, shipped: bool) -> list[ms.database.JSONDatabase]:
@@ -76,8 +79,15 @@ def tune(mod, target, trials: int, tuning_dir: Path, workers: int, shipped: bool
     return known_records(tuning_dir, shipped)  # reopened: the JSON files hold what tuning just added
 
 
-def tune_tasks(tasks: list, trials: int, database: ms.database.Database, tuning_dir: Path, workers: int,
-               trials_per_task: int | None = None, seed: int = 0) -> None:
+def tune_tasks(
+    tasks: list,
+    trials: int,
+    database: ms.database.Database,
+    tuning_dir: Path,
+    workers: int,
+    trials_per_task: int | None = None,
+    seed: int = 0,
+) -> None:
     """Tune `tasks` within `trials` trials in all (and `trials_per_task` each), recording every
     measured schedule in `database`. Every task is marked seen, even where the budget ran out
     before its turn."""
@@ -85,9 +95,17 @@ def tune_tasks(tasks: list, trials: int, database: ms.database.Database, tuning_
         return
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(tuning_dir), seed=seed)
     ms.tune.tune_tasks(
-        tasks=contexts, task_weights=weights, work_dir=str(tuning_dir), max_trials_global=trials,
-        max_trials_per_task=trials_per_task, num_trials_per_iter=16, builder=WarmLocalBuilder(workers),
-        runner=ms.runner.LocalRunner(timeout_sec=60), database=database, cost_model="xgb")
+        tasks=contexts,
+        task_weights=weights,
+        work_dir=str(tuning_dir),
+        max_trials_global=trials,
+        max_trials_per_task=trials_per_task,
+        num_trials_per_iter=16,
+        builder=WarmLocalBuilder(workers),
+        runner=ms.runner.LocalRunner(timeout_sec=60),
+        database=database,
+        cost_model="xgb",
+    )
     for task in tasks:
         database.commit_workload(task.dispatched[0])
 
@@ -107,15 +125,19 @@ def keep_best(sources: list[ms.database.Database], kernels: set[int], out_dir: P
         (out_dir / name).unlink(missing_ok=True)
     out = ms.database.JSONDatabase(work_dir=str(out_dir))
     for _, record in best.values():
-        out.commit_tuning_record(ms.database.TuningRecord(record.trace, out.commit_workload(record.workload.mod),
-                                                          record.run_secs, record.target, record.args_info))
+        out.commit_tuning_record(
+            ms.database.TuningRecord(
+                record.trace, out.commit_workload(record.workload.mod), record.run_secs, record.target, record.args_info
+            )
+        )
     return len(best)
 
 
 def main(
     trials: Annotated[int, typer.Option(help="trials in all for the kernels the work database has not seen")] = 900,
-    with_unpruned: Annotated[bool, typer.Option("--with-unpruned/--pruned-only",
-                                                help="also the unpruned model, which the benchmark compares")] = True,
+    with_unpruned: Annotated[
+        bool, typer.Option("--with-unpruned/--pruned-only", help="also the unpruned model, which the benchmark compares")
+    ] = True,
     retune: Annotated[list[str] | None, typer.Option(help="a kernel (task name) to tune again, though seen; repeatable")] = None,
     retune_trials: Annotated[int, typer.Option(help="trials for each kernel named by --retune")] = 64,
     batches: Annotated[list[int], typer.Option("--batch", help="batch sizes")] = list(SHIPPED_BATCH_SIZES),  # noqa: B006
@@ -142,8 +164,11 @@ def main(
     pruned = copy.deepcopy(unpruned)
     prune_structure(pruned, settings.prune.model_copy(update={"importance": "magnitude"}))
     target = host_tvm_target()
-    task_lists = [ms.relax_integration.extract_tasks(fused_kernels(to_relax(export(model, batch)), target), target)
-                  for model in ([pruned, unpruned] if with_unpruned else [pruned]) for batch in batches]
+    task_lists = [
+        ms.relax_integration.extract_tasks(fused_kernels(to_relax(export(model, batch)), target), target)
+        for model in ([pruned, unpruned] if with_unpruned else [pruned])
+        for batch in batches
+    ]
     names = {task.task_name for tasks in task_lists for task in tasks}
     retune = set(retune or ())
     if unknown := retune - names:

@@ -1,8 +1,8 @@
 """Read a dataset in the IP102 layout from any path: the real IP102 or the synthetic one.
 
-    root/images/NAME.jpg
-    root/train.txt, val.txt, test.txt   lines "NAME.jpg LABEL" (labels from 0)
-    root/classes.txt                    lines "N name" (IP102, N from 1) or just "name"
+root/images/NAME.jpg
+root/train.txt, val.txt, test.txt   lines "NAME.jpg LABEL" (labels from 0)
+root/classes.txt                    lines "N name" (IP102, N from 1) or just "name"
 """
 
 from __future__ import annotations

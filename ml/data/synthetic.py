@@ -104,12 +104,23 @@ def _draw_wings(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, uni
     fill = rgb + (150,)  # translucent
     for side in (-1, 1):
         if shape == "round":
-            draw.ellipse((cx + side * unit * 0.3 - unit * 1.6, cy - unit * 2.2, cx + side * unit * 0.3 + unit * 1.6, cy + unit * 0.6), fill=fill)
+            draw.ellipse(
+                (cx + side * unit * 0.3 - unit * 1.6, cy - unit * 2.2, cx + side * unit * 0.3 + unit * 1.6, cy + unit * 0.6),
+                fill=fill,
+            )
         elif shape == "long":
-            draw.polygon([(cx, cy - unit), (cx + side * unit * 1.2, cy + unit * 3.5), (cx + side * unit * 0.2, cy + unit * 3.2)], fill=fill)
+            draw.polygon(
+                [(cx, cy - unit), (cx + side * unit * 1.2, cy + unit * 3.5), (cx + side * unit * 0.2, cy + unit * 3.2)], fill=fill
+            )
         else:  # butterfly: two big lobes a side
-            draw.ellipse((cx + side * unit * 3.4 - unit * 1.8, cy - unit * 3.0, cx + side * unit * 3.4 + unit * 1.8, cy + unit * 0.2), fill=fill)
-            draw.ellipse((cx + side * unit * 2.4 - unit * 1.3, cy - unit * 0.2, cx + side * unit * 2.4 + unit * 1.3, cy + unit * 2.4), fill=fill)
+            draw.ellipse(
+                (cx + side * unit * 3.4 - unit * 1.8, cy - unit * 3.0, cx + side * unit * 3.4 + unit * 1.8, cy + unit * 0.2),
+                fill=fill,
+            )
+            draw.ellipse(
+                (cx + side * unit * 2.4 - unit * 1.3, cy - unit * 0.2, cx + side * unit * 2.4 + unit * 1.3, cy + unit * 2.4),
+                fill=fill,
+            )
 
 
 def _draw_marking(draw: ImageDraw.ImageDraw, marking: str, box: tuple, rgb: tuple, rng: np.random.Generator) -> None:

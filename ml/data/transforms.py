@@ -7,12 +7,14 @@ from torchvision import transforms as T
 
 
 def train_transform(size: int) -> T.Compose:
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.9, 1.1)),
-        T.RandomHorizontalFlip(),
-        T.ColorJitter(0.1, 0.1, 0.1),
-        T.ToTensor(),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.9, 1.1)),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(0.1, 0.1, 0.1),
+            T.ToTensor(),
+        ]
+    )
 
 
 def eval_transform(size: int) -> T.Compose:

@@ -50,7 +50,7 @@ def current_dataset(settings: Settings) -> Path:
 
 def next_version(versions_dir: Path) -> Path:
     latest = latest_version(versions_dir)
-    number = int(latest.name[len(VERSION_PREFIX):]) + 1 if latest else 1
+    number = int(latest.name[len(VERSION_PREFIX) :]) + 1 if latest else 1
     return versions_dir / f"{VERSION_PREFIX}{number:04d}"
 
 

@@ -30,7 +30,9 @@ def torch_predict_fn(model: torch.nn.Module) -> PredictFn:
     return predict
 
 
-def collect_logits(predict: PredictFn, dataset_dir: Path, split: str, image_size: int, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def collect_logits(
+    predict: PredictFn, dataset_dir: Path, split: str, image_size: int, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     loader = DataLoader(IP102Dataset(dataset_dir, split, eval_transform(image_size)), batch_size=batch_size)
     logits, labels = [], []
     for images, targets in tqdm(loader, desc=f"predicting {split}", unit="batch", leave=False):
@@ -53,8 +55,14 @@ def confusion_matrix_plot(logits: np.ndarray, labels: np.ndarray, classes: list[
     size = max(6, 0.35 * len(classes))
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay.from_predictions(
-        labels, logits.argmax(1), labels=np.arange(len(classes)), display_labels=classes,
-        ax=ax, xticks_rotation="vertical", colorbar=False, include_values=len(classes) <= 20,
+        labels,
+        logits.argmax(1),
+        labels=np.arange(len(classes)),
+        display_labels=classes,
+        ax=ax,
+        xticks_rotation="vertical",
+        colorbar=False,
+        include_values=len(classes) <= 20,
     )
     ax.set_title("Confusion matrix (test split)")
     fig.tight_layout()
@@ -63,7 +71,9 @@ def confusion_matrix_plot(logits: np.ndarray, labels: np.ndarray, classes: list[
     return path
 
 
-def evaluate(predict: PredictFn, dataset_dir: Path, classes: list[str], image_size: int, out_dir: Path | None = None, split: str = "test") -> dict[str, float]:
+def evaluate(
+    predict: PredictFn, dataset_dir: Path, classes: list[str], image_size: int, out_dir: Path | None = None, split: str = "test"
+) -> dict[str, float]:
     """Metrics of `predict` on one split; with `out_dir`, also writes confusion_matrix.png there."""
     logits, labels = collect_logits(predict, dataset_dir, split, image_size)
     if out_dir is not None:

@@ -84,10 +84,16 @@ def prune_structure(model: SpeciesClassifier, cfg: PruneConfig, dataset_dir: Pat
     ignored = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)) and m not in prunable]
     example = torch.rand(1, 3, model.image_size, model.image_size)
     pruner = tp.pruner.MetaPruner(
-        model, example, importance=_importance(model, cfg.importance, dataset_dir), ignored_layers=ignored,
-        pruning_ratio=cfg.mlp_ratio, round_to=8,  # multiples of 8 keep matmuls vector-friendly
+        model,
+        example,
+        importance=_importance(model, cfg.importance, dataset_dir),
+        ignored_layers=ignored,
+        pruning_ratio=cfg.mlp_ratio,
+        round_to=8,  # multiples of 8 keep matmuls vector-friendly
         num_heads={attention.qkv: attention.num_heads for attention in attentions},
-        prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=cfg.head_ratio,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=cfg.head_ratio,
     )
     pruner.step()
     model.zero_grad(set_to_none=True)
@@ -124,12 +130,17 @@ def prune(model_path: Path, dataset_dir: Path, settings: Settings, out_dir: Path
     top1_after = classification_metrics(logits_after, labels)["top1"]
     agreement = float(np.mean(logits_after.argmax(1) == logits_before.argmax(1)))
     mlflow.log_params({f"prune.{key}": value for key, value in cfg.model_dump().items()})
-    mlflow.log_metrics({
-        "prune_params_before": params_before, "prune_params_after": params_after,
-        "prune_flops_before": flops_before, "prune_flops_after": flops_after,
-        "prune_val_top1_before": top1_before, "prune_val_top1_after": top1_after,
-        "prune_val_agreement": agreement,
-    })
+    mlflow.log_metrics(
+        {
+            "prune_params_before": params_before,
+            "prune_params_after": params_after,
+            "prune_flops_before": flops_before,
+            "prune_flops_after": flops_after,
+            "prune_val_top1_before": top1_before,
+            "prune_val_top1_after": top1_after,
+            "prune_val_agreement": agreement,
+        }
+    )
     if top1_before - top1_after > cfg.max_top1_drop:
         raise PruningRegressionError(
             f"pruning {cfg.mlp_ratio:.0%} of MLP channels and {cfg.head_ratio:.0%} of heads dropped val top-1 from "

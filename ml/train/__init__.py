@@ -50,8 +50,13 @@ def _single_process_rank():
     """Let plain `python` act as rank 0 of 1 while DeepSpeed sets up (the deepspeed launcher sets
     these itself). They are removed again: this process's store keeps MASTER_PORT bound, and a
     subprocess that trains, started later, must not inherit it."""
-    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    defaults = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29500 + os.getpid() % 1000),
+    }
     added = {key: value for key, value in defaults.items() if key not in os.environ}
     os.environ.update(added)
     try:
@@ -120,8 +125,17 @@ def deepspeed_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int)
     return engine
 
 
-def fit(model: torch.nn.Module, loader: DataLoader, loss_fn: LossFn, score_fn: ScoreFn, *, cfg: TrainConfig,
-        epochs: int, stage: str, checkpoint_dir: Path) -> tuple[float, int]:
+def fit(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    loss_fn: LossFn,
+    score_fn: ScoreFn,
+    *,
+    cfg: TrainConfig,
+    epochs: int,
+    stage: str,
+    checkpoint_dir: Path,
+) -> tuple[float, int]:
     """Train with early stopping on `score_fn`; the best epoch's weights are restored from its
     DeepSpeed checkpoint. Returns (best score, epochs run). Metrics go to the active MLflow run."""
     steps_per_epoch = min(len(loader), cfg.max_steps_per_epoch or len(loader))
@@ -132,7 +146,9 @@ def fit(model: torch.nn.Module, loader: DataLoader, loss_fn: LossFn, score_fn: S
         loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         engine.train()
         losses = []
-        batches = tqdm(loader, total=steps_per_epoch, desc=f"{stage} epoch {epoch + 1}/{epochs}", unit="batch", disable=not is_rank0())
+        batches = tqdm(
+            loader, total=steps_per_epoch, desc=f"{stage} epoch {epoch + 1}/{epochs}", unit="batch", disable=not is_rank0()
+        )
         for step, batch in enumerate(batches):
             if step == steps_per_epoch:
                 break
@@ -199,8 +215,9 @@ def pretrain_coca(settings: Settings, dataset_dir: Path, checkpoint_dir: Path):
     loader = _loader(IP102Dataset(dataset_dir, "train", augment), settings.train, collate_fn=collate)
     coca_loss = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)  # open_clip's CoCa recipe
     # across ranks, every image is contrasted with every caption of the global batch, as in one process
-    global_coca_loss = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, gather_with_grad=True,
-                                rank=_rank(), world_size=_world_size())
+    global_coca_loss = CoCaLoss(
+        caption_loss_weight=2.0, clip_loss_weight=1.0, gather_with_grad=True, rank=_rank(), world_size=_world_size()
+    )
 
     def loss_fn(engine, batch):
         images, texts = batch
@@ -214,20 +231,43 @@ def pretrain_coca(settings: Settings, dataset_dir: Path, checkpoint_dir: Path):
         with torch.inference_mode():
             return -float(np.mean([sum(coca_loss(**module(i, t))).item() for i, t in val_loader]))
 
-    fit(coca, loader, loss_fn, score_fn, cfg=settings.train, epochs=settings.train.pretrain_epochs,
-        stage="coca", checkpoint_dir=checkpoint_dir)
+    fit(
+        coca,
+        loader,
+        loss_fn,
+        score_fn,
+        cfg=settings.train,
+        epochs=settings.train.pretrain_epochs,
+        stage="coca",
+        checkpoint_dir=checkpoint_dir,
+    )
     return coca
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
     """Hinton et al.'s soft-target loss: KL divergence between temperature-softened outputs,
     scaled by T² so its gradients keep the size of the hard-label loss's."""
-    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1), F.log_softmax(teacher_logits / temperature, dim=1),
-                    log_target=True, reduction="batchmean") * temperature**2
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits / temperature, dim=1),
+            F.log_softmax(teacher_logits / temperature, dim=1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
 
 
-def finetune_classifier(model: SpeciesClassifier, dataset_dir: Path, cfg: TrainConfig, *, epochs: int, stage: str,
-                        checkpoint_dir: Path, teacher: torch.nn.Module | None = None) -> tuple[float, int]:
+def finetune_classifier(
+    model: SpeciesClassifier,
+    dataset_dir: Path,
+    cfg: TrainConfig,
+    *,
+    epochs: int,
+    stage: str,
+    checkpoint_dir: Path,
+    teacher: torch.nn.Module | None = None,
+) -> tuple[float, int]:
     """Cross-entropy fine-tuning on the species labels (plus distillation from `teacher` when
     given), early-stopped on validation top-1."""
     loader = _loader(IP102Dataset(dataset_dir, "train", train_transform(model.image_size)), cfg)
@@ -276,8 +316,14 @@ def train_here(settings: Settings, dataset_dir: Path, out_dir: Path) -> TrainRes
         mlflow.log_artifact(str(settings.train.deepspeed_config))
     coca = pretrain_coca(settings, dataset_dir, out_dir / "checkpoints")
     classifier = SpeciesClassifier.from_coca(coca, read_classes(dataset_dir))
-    val_top1, epochs = finetune_classifier(classifier, dataset_dir, settings.train, epochs=settings.train.finetune_epochs,
-                                           stage="classifier", checkpoint_dir=out_dir / "checkpoints")
+    val_top1, epochs = finetune_classifier(
+        classifier,
+        dataset_dir,
+        settings.train,
+        epochs=settings.train.finetune_epochs,
+        stage="classifier",
+        checkpoint_dir=out_dir / "checkpoints",
+    )
     _log_metrics({"val_top1": val_top1})
     result = TrainResult(out_dir / "classifier.pt", val_top1, epochs)
     if is_rank0():
@@ -295,9 +341,18 @@ def _launch(settings: Settings, dataset_dir: Path, out_dir: Path) -> TrainResult
     settings_file = out_dir / "settings.json"  # every rank trains with exactly these settings
     settings_file.touch(mode=0o600)  # they may hold database passwords
     settings_file.write_text(settings.model_dump_json())
-    command = [shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed", *hosts,
-               "--master_port", str(cfg.master_port), "--no_local_rank", "--module", "ml.train",
-               str(dataset_dir), str(out_dir), str(settings_file)]
+    command = [
+        shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed",
+        *hosts,
+        "--master_port",
+        str(cfg.master_port),
+        "--no_local_rank",
+        "--module",
+        "ml.train",
+        str(dataset_dir),
+        str(out_dir),
+        str(settings_file),
+    ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "PYTHONPATH": str(Path(__file__).parents[2])}
     if active := mlflow.active_run():
         env["MLFLOW_RUN_ID"] = active.info.run_id
@@ -309,10 +364,17 @@ def _launch(settings: Settings, dataset_dir: Path, out_dir: Path) -> TrainResult
     return TrainResult(out_dir / "classifier.pt", result["val_top1"], result["epochs_run"])
 
 
-def recovery_finetune(model: SpeciesClassifier, teacher: torch.nn.Module, dataset_dir: Path, settings: Settings,
-                      cfg: PruneConfig, out_dir: Path) -> None:
+def recovery_finetune(
+    model: SpeciesClassifier, teacher: torch.nn.Module, dataset_dir: Path, settings: Settings, cfg: PruneConfig, out_dir: Path
+) -> None:
     """A short fine-tune after pruning, distilled from the unpruned `teacher`."""
     seed_everything(settings.train.seed)  # the same pruned weights from the same inputs, in any process
-    finetune_classifier(model, dataset_dir, settings.train.model_copy(update={"lr": settings.train.lr / 3}),
-                        epochs=cfg.finetune_epochs, stage="prune_finetune", checkpoint_dir=out_dir / "checkpoints",
-                        teacher=teacher)
+    finetune_classifier(
+        model,
+        dataset_dir,
+        settings.train.model_copy(update={"lr": settings.train.lr / 3}),
+        epochs=cfg.finetune_epochs,
+        stage="prune_finetune",
+        checkpoint_dir=out_dir / "checkpoints",
+        teacher=teacher,
+    )

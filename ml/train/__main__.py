@@ -16,9 +16,11 @@ from config import Settings
 from ml.train import is_rank0, train_here
 
 
-def main(dataset_dir: Annotated[Path, typer.Argument(help="a dataset in the IP102 layout")],
-         out_dir: Annotated[Path, typer.Argument(help="checkpoints and the classifier go here")],
-         settings_json: Annotated[Path, typer.Argument(help="the launching process's settings")]) -> None:
+def main(
+    dataset_dir: Annotated[Path, typer.Argument(help="a dataset in the IP102 layout")],
+    out_dir: Annotated[Path, typer.Argument(help="checkpoints and the classifier go here")],
+    settings_json: Annotated[Path, typer.Argument(help="the launching process's settings")],
+) -> None:
     settings = Settings.model_validate_json(settings_json.read_text())
     logging = mlflow.start_run(run_id=os.environ.get("MLFLOW_RUN_ID")) if is_rank0() else nullcontext()
     with logging:
