@@ -6,7 +6,7 @@ UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast data lint clean up down status system-packages
+.PHONY: demo test test-fast data lint fmt clean up down status system-packages
 
 $(UV):
 	python3 -m pip install --user --quiet uv || curl -LsSf https://astral.sh/uv/install.sh | sh
@@ -45,7 +45,8 @@ down: $(VENV)/.synced
 status: $(VENV)/.synced
 	$(PY) -m stack status
 
-test: $(VENV)/.synced system-packages
+# Lint first: a style or import error fails in seconds, not after half an hour of tests.
+test: lint system-packages
 	$(VENV)/bin/pytest
 
 test-fast: $(VENV)/.synced
@@ -53,6 +54,11 @@ test-fast: $(VENV)/.synced
 
 lint: $(VENV)/.synced
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: $(VENV)/.synced
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf data

@@ -53,7 +53,8 @@ def write_report(
         "| model | FLOPs/image | params | test top-1 | test top-5 | macro-F1 |",
         "|---|---|---|---|---|---|",
         *(
-            f"| {name} | {q['flops'] / 1e6:.1f} M | {q['params'] / 1e6:.2f} M | {q['top1']:.3f} | {q['top5']:.3f} | {q['macro_f1']:.3f} |"
+            f"| {name} | {q['flops'] / 1e6:.1f} M | {q['params'] / 1e6:.2f} M | "
+            f"{q['top1']:.3f} | {q['top5']:.3f} | {q['macro_f1']:.3f} |"
             for name, q in quality.items()
         ),
         "",
@@ -63,7 +64,8 @@ def write_report(
         "## Latency, throughput, memory",
         "",
         (
-            f"FLOPs count 2 per multiply-add (torch's FLOP counter: matmuls, convolution, attention); this CPU's measured fp32 peak (2048² matmul through PyTorch's BLAS) is "
+            "FLOPs count 2 per multiply-add (torch's FLOP counter: matmuls, convolution, attention); "
+            "this CPU's measured fp32 peak (2048² matmul through PyTorch's BLAS) is "
             f"**{peak_gflops:.0f} GFLOP/s**. Memory is the peak resident memory added while a runtime was prepared and timed "
             "(one process: what earlier runtimes left resident is not counted again). `diff` is the max abs logit "
             "difference from eager on the same input."

@@ -27,7 +27,7 @@ def test_valid_dataset_passes(tiny_dataset, tmp_path):
         (lambda r: (r / "test.txt").write_text((r / "test.txt").read_text() + "000_0003.jpg 9\n"), "label"),
         (
             lambda r: (r / "train.txt").write_text(
-                "".join(l + "\n" for l in (r / "train.txt").read_text().split("\n") if l and not l.endswith(" 2"))
+                "".join(line + "\n" for line in (r / "train.txt").read_text().split("\n") if line and not line.endswith(" 2"))
             ),
             "expect_column_distinct_values_to_contain_set",
         ),

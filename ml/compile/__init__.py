@@ -1,7 +1,8 @@
 """Compile the classifier with TVM Relax: torch.export -> Relax -> a shared library per target.
 
 The llvm build targets the host CPU (`ml.runtime.host_target`) and is checked against eager
-PyTorch on validation images. CUDA builds are cross-compiled whenever nvcc is on PATH; without a GPU they are checked by the kernels they carry.
+PyTorch on validation images. CUDA builds are cross-compiled whenever nvcc is on PATH; without a
+GPU they are checked by the kernels they carry.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def _leaf_background(size: int, rng: np.random.Generator) -> Image.Image:
     image = Image.fromarray((pixels * 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(rng.integers(3, 9)):
-        x, y, r = rng.uniform(0, size, 2).tolist() + [rng.uniform(size * 0.05, size * 0.25)]
+        x, y, r = [*rng.uniform(0, size, 2).tolist(), rng.uniform(size * 0.05, size * 0.25)]
         shade = _jitter(tuple(np.clip(base * rng.uniform(0.7, 1.3), 0, 1)), rng)
         draw.ellipse((x - r, y - r, x + r, y + r), fill=shade)
     return image.filter(ImageFilter.GaussianBlur(size / 40))
@@ -85,23 +85,23 @@ def _draw_insect(species: Species, size: int, rng: np.random.Generator) -> Image
         w = unit * (1.3 - 0.2 * i)
         y0 = top + i * seg_h
         box = (cx - w, y0, cx + w, y0 + seg_h * 1.1)
-        draw.ellipse(box, fill=body + (255,))
+        draw.ellipse(box, fill=(*body, 255))
         _draw_marking(draw, species.marking, box, mark, rng)
     head_r = unit * 0.55
-    draw.ellipse((cx - head_r, top - 2 * head_r, cx + head_r, top), fill=mark + (255,))
+    draw.ellipse((cx - head_r, top - 2 * head_r, cx + head_r, top), fill=(*mark, 255))
     width = max(1, size // 60)
     antenna = unit * 4 * species.antenna
     for side in (-1, 1):
-        draw.line((cx, top - head_r, cx + side * antenna * 0.6, top - head_r - antenna), fill=mark + (255,), width=width)
+        draw.line((cx, top - head_r, cx + side * antenna * 0.6, top - head_r - antenna), fill=(*mark, 255), width=width)
         if species.legs:
             for k in range(3):
                 y = top + seg_h * species.segments * (0.25 + 0.25 * k)
-                draw.line((cx, y, cx + side * unit * 2.4, y + unit * (k - 1)), fill=body + (255,), width=width)
+                draw.line((cx, y, cx + side * unit * 2.4, y + unit * (k - 1)), fill=(*body, 255), width=width)
     return canvas
 
 
 def _draw_wings(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, unit: float, rgb: tuple) -> None:
-    fill = rgb + (150,)  # translucent
+    fill = (*rgb, 150)  # translucent
     for side in (-1, 1):
         if shape == "round":
             draw.ellipse(
@@ -128,12 +128,12 @@ def _draw_marking(draw: ImageDraw.ImageDraw, marking: str, box: tuple, rgb: tupl
     if marking == "stripes":
         for k in (1, 2):
             y = y0 + (y1 - y0) * k / 3
-            draw.line((x0 + (x1 - x0) * 0.15, y, x1 - (x1 - x0) * 0.15, y), fill=rgb + (255,), width=max(1, int((y1 - y0) / 8)))
+            draw.line((x0 + (x1 - x0) * 0.15, y, x1 - (x1 - x0) * 0.15, y), fill=(*rgb, 255), width=max(1, int((y1 - y0) / 8)))
     elif marking == "spots":
         r = min(x1 - x0, y1 - y0) / 9
         for _ in range(3):
             x, y = rng.uniform(x0 + 3 * r, x1 - 3 * r), rng.uniform(y0 + 3 * r, y1 - 3 * r)
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=rgb + (255,))
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=(*rgb, 255))
 
 
 def render(species: Species, size: int, rng: np.random.Generator) -> Image.Image:

@@ -76,7 +76,8 @@ def build_version(parent: Path, samples: list[Sample], out: Path) -> VersionSumm
     classes = read_classes(parent)
     table = manifest(parent)
     held_out = set(table.loc[table.split != "train", "sha256"])
-    train_file_by_sha = dict(zip(table.loc[table.split == "train", "sha256"], table.loc[table.split == "train", "file"]))
+    train_rows = table[table.split == "train"]
+    train_file_by_sha = dict(zip(train_rows["sha256"], train_rows["file"], strict=True))
 
     shutil.rmtree(out, ignore_errors=True)
     (out / "images").mkdir(parents=True)

@@ -101,7 +101,7 @@ class SelfAttention(nn.Module):
     def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None):
         """nn.MultiheadAttention's call, as open_clip's blocks make it (self-attention: key and
         value are the query)."""
-        if key is not None and key is not query or value is not None and value is not query:
+        if (key is not None and key is not query) or (value is not None and value is not query):
             raise ValueError("SelfAttention attends a sequence to itself: key and value must be the query")
         batch, tokens, _ = query.shape
         q, k, v = self.qkv(query).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
