@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import mlflow
 import numpy as np
 import torch
 import typer
@@ -24,8 +23,10 @@ from benchmarks.runtimes import RUNTIMES
 from config import Settings, get_settings
 from ml.compile.tuning import SHIPPED_BATCH_SIZES
 from ml.data.versions import current_dataset
-from ml.evaluate import evaluate, torch_predict_fn
-from ml.prune import count_flops, load_model, prune
+from ml.evaluate import score
+from ml.model import load_classifier
+from ml.prune import count_flops, prune
+from ml.runtime import eager_predict_fn
 
 HERE = Path(__file__).parent
 
@@ -39,19 +40,16 @@ def newest_run_dir(work_dir: Path) -> Path:
 
 def pruned_top1_by_seed(run_dir: Path, dataset: Path, settings: Settings, seeds: list[int]) -> dict[int, float]:
     """Test top-1 of the run's unpruned model pruned again, one recovery fine-tune per seed: how
-    much of the pruning result is the seed's luck. Logged to a throwaway MLflow store."""
-    top1, tracking_uri = {}, mlflow.get_tracking_uri()
+    much of the pruning result is the seed's luck. Logged nowhere: the stage gets no run."""
+    top1 = {}
     with tempfile.TemporaryDirectory() as scratch:
-        mlflow.set_tracking_uri(f"sqlite:///{scratch}/mlflow.db")
-        try:
-            for seed in seeds:
-                seeded = settings.model_copy(update={"train": settings.train.model_copy(update={"seed": seed})})
-                with mlflow.start_run():
-                    pruned = prune(run_dir / "train" / "classifier.pt", dataset, seeded, Path(scratch) / str(seed))
-                model = load_model(pruned.model_path).eval()
-                top1[seed] = evaluate(torch_predict_fn(model), dataset, model.classes, model.image_size)["top1"]
-        finally:
-            mlflow.set_tracking_uri(tracking_uri)
+        for seed in seeds:
+            seeded = settings.model_copy(update={"train": settings.train.model_copy(update={"seed": seed})})
+            pruned = prune(
+                seeded, model_path=run_dir / "train" / "classifier.pt", dataset_dir=dataset, out_dir=Path(scratch) / str(seed)
+            )
+            model = load_classifier(pruned.model_path)
+            top1[seed] = score(eager_predict_fn(model), dataset, model.classes, model.image_size)["top1"]
     return top1
 
 
@@ -66,14 +64,14 @@ def main(
     settings = get_settings()
     run_dir = run_dir or newest_run_dir(settings.work_dir)
     models = {
-        "unpruned": load_model(run_dir / "train" / "classifier.pt").eval(),
-        "pruned": load_model(run_dir / "prune" / "pruned.pt").eval(),
+        "unpruned": load_classifier(run_dir / "train" / "classifier.pt"),
+        "pruned": load_classifier(run_dir / "prune" / "pruned.pt"),
     }
     dataset = current_dataset(settings)
     typer.echo(f"models from {run_dir}; {torch.get_num_threads()} threads")
     quality = {
         name: {
-            **evaluate(torch_predict_fn(m), dataset, m.classes, m.image_size),
+            **score(eager_predict_fn(m), dataset, m.classes, m.image_size),
             **dict(zip(("flops", "params"), count_flops(m), strict=True)),
         }
         for name, m in models.items()
@@ -84,7 +82,7 @@ def main(
     for name, model in models.items():
         for batch in batches:
             x = np.random.default_rng(0).random((batch, 3, model.image_size, model.image_size), dtype=np.float32)
-            reference = torch_predict_fn(model)(x)
+            reference = eager_predict_fn(model)(x)
             prepared = {}
             for runtime, prepare in RUNTIMES.items():
                 started = time.perf_counter()

@@ -44,7 +44,7 @@ def write_report(
         "",
         (
             "All runtimes run on the CPU. The CUDA libraries the compile step cross-compiles for sm_80 and sm_90 are checked "
-            "for their kernels by `tests/test_prune_compile.py`; their parity and latency on a GPU are not measured here"
+            "for their kernels by `tests/model/test_prune_compile.py`; their parity and latency on a GPU are not measured here"
             f"{'' if torch.cuda.is_available() else ' (this machine has no GPU)'}."
         ),
         "",

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
-Run = Callable[[np.ndarray], np.ndarray]
+from ml.runtime import PredictFn as Run
+from ml.runtime import eager_predict_fn
 
 
 def eager(model: torch.nn.Module, batch: int, work_dir: Path) -> Run:
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(x)).numpy()
-
-    return run
+    return eager_predict_fn(model)
 
 
 def torch_compile(model: torch.nn.Module, batch: int, work_dir: Path) -> Run:

@@ -32,16 +32,16 @@ from pydantic import BaseModel, Field
 from config import get_settings
 from feedback import db
 from feedback.images import image_key, image_store
+from ml.tracking import configure
 from registry import ServedModel, load_verified, version_by_alias
 from registry.pyfunc import preprocess
-from registry.tracking import configure
 
 logger = logging.getLogger("bentoml.insect")
 settings = get_settings()
 FORMATS = {"JPEG": ("image/jpeg", ".jpg"), "PNG": ("image/png", ".png")}
 
 
-class Species(BaseModel):
+class SpeciesScore(BaseModel):
     species: str
     probability: float
 
@@ -52,11 +52,11 @@ class ModelInfo(BaseModel):
     backend: str = Field(description="torch-eager, or tvm-llvm when a TVM build for this CPU was registered")
 
 
-class Prediction(BaseModel):
+class PredictionResponse(BaseModel):
     prediction_id: str = Field(description="pass it to /feedback to correct this prediction")
     species: str
     probability: float
-    top_k: list[Species]
+    top_k: list[SpeciesScore]
     model: ModelInfo
 
 
@@ -159,7 +159,7 @@ class InsectClassifier:
         return [Scores(probabilities=row.tolist(), version=served.version) for row in probabilities]
 
     @bentoml.api(route="/predict")
-    async def predict(self, image: Path, top_k: int = Field(default=settings.serve.top_k, ge=1, le=102)) -> Prediction:
+    async def predict(self, image: Path, top_k: int = Field(default=settings.serve.top_k, ge=1, le=102)) -> PredictionResponse:
         """Species of the insect in a JPEG or PNG image, most likely first."""
         data, decoded = read_image(image, settings.feedback.max_image_bytes)
         served = self._model()
@@ -167,7 +167,7 @@ class InsectClassifier:
         if scores.version != served.version:  # the champion moved while this image queued
             served = self._model()
         ranked = np.argsort(scores.probabilities)[::-1][:top_k]
-        top = [Species(species=served.model.classes[i], probability=scores.probabilities[i]) for i in ranked]
+        top = [SpeciesScore(species=served.model.classes[i], probability=scores.probabilities[i]) for i in ranked]
         with storage_unavailable_as_503():
             sha, key = await asyncio.to_thread(self._store_image, data, decoded.format)
             prediction_id = await asyncio.to_thread(
@@ -181,7 +181,7 @@ class InsectClassifier:
                 image_sha256=sha,
                 image_key=key,
             )
-        return Prediction(
+        return PredictionResponse(
             prediction_id=prediction_id,
             species=top[0].species,
             probability=top[0].probability,

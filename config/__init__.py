@@ -2,8 +2,9 @@
 
 Defaults are embedded (SQLite and local files under one data directory), every field can be
 overridden by an environment variable (`INSECT_<FIELD>`, nested with `__`, e.g.
-`INSECT_TRAIN__EPOCHS=3`), and the standard variables a user already sets are honoured:
-`MLFLOW_TRACKING_URI`, `MLFLOW_REGISTRY_URI`, `AIRFLOW_HOME`.
+`INSECT_TRAIN__FINETUNE_EPOCHS=3`; a misspelt field of a section is an error, not silence), and
+the standard variables a user already sets are honoured: `MLFLOW_TRACKING_URI`,
+`MLFLOW_REGISTRY_URI`, `AIRFLOW_HOME`.
 
 Importing this module does no I/O; `get_settings()` reads the environment once.
 """
@@ -14,15 +15,19 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, BeforeValidator, Field
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# The Airflow Asset the ingest DAG updates and the retrain DAG is scheduled on.
-TRAINING_DATASET_ASSET = "insect_training_dataset"
 
 
-class SyntheticDataConfig(BaseModel):
+class Section(BaseModel):
+    """A section of the settings: an unknown field (a misspelt INSECT_<SECTION>__<FIELD>) is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticDataConfig(Section):
     """The generated demo dataset (IP102 layout, the first `num_classes` IP102 species)."""
 
     num_classes: int = 10  # IP102 has 102; a subset keeps the CPU demo short
@@ -31,13 +36,13 @@ class SyntheticDataConfig(BaseModel):
     seed: int = 0
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(Section):
     """Which CoCa variant to build: a JSON file in ml/model/configs/ (input size, widths, caption length)."""
 
     name: str = "coca_tiny"
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Section):
     """Both training stages: CoCa pretraining on captions, then the species classifier."""
 
     deepspeed_config: Path = REPO_ROOT / "ml" / "train" / "ds_config.json"
@@ -56,7 +61,7 @@ class TrainConfig(BaseModel):
     master_port: int = 29500
 
 
-class PruneConfig(BaseModel):
+class PruneConfig(Section):
     mlp_ratio: float = 0.5  # fraction of each ViT block's MLP hidden channels removed
     head_ratio: float = 0.33  # fraction of each block's attention heads removed, rounded up (3 heads: one)
     importance: Literal["magnitude", "taylor"] = "magnitude"  # L2 norm of weights, or |weight x gradient|
@@ -64,7 +69,7 @@ class PruneConfig(BaseModel):
     max_top1_drop: float = 0.05  # the step fails when pruning costs more val top-1 than this
 
 
-class CompileConfig(BaseModel):
+class CompileConfig(Section):
     batch_sizes: list[int] = [1]  # one tuned host-CPU library each; larger batches run in chunks of the largest
     # MetaSchedule trials per batch size, spent on kernels no record covers (0: none); the default
     # model's kernels are covered by the records shipped in ml/compile/records, so it tunes nothing
@@ -74,7 +79,7 @@ class CompileConfig(BaseModel):
     min_top1_agreement: float = 0.999
 
 
-class FeedbackConfig(BaseModel):
+class FeedbackConfig(Section):
     """Where user feedback lands. Unset URLs mean the embedded defaults: a PostgreSQL cluster the
     project starts under the data directory, and images as files under the data directory."""
 
@@ -88,7 +93,7 @@ class FeedbackConfig(BaseModel):
     ingest_schedule: str = "@hourly"  # the ingest DAG's schedule (cron or preset)
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(Section):
     """The Bento HTTP service."""
 
     port: int = 3000
@@ -100,7 +105,7 @@ class ServeConfig(BaseModel):
     max_latency_ms: int = 200
 
 
-class RetryConfig(BaseModel):
+class RetryConfig(Section):
     """Every DAG task's retries (Airflow's convention: a delay, growing exponentially). Failures
     that waiting cannot heal, such as a dataset failing validation, fail at once without retry."""
 
@@ -114,7 +119,7 @@ def _airflow_executor(name: str) -> str:
     return {"local": "LocalExecutor", "celery": "CeleryExecutor"}.get(str(name).lower(), name)
 
 
-class StackConfig(BaseModel):
+class StackConfig(Section):
     """`make up`: the platform as services on this machine, each on 127.0.0.1 at these ports."""
 
     postgres_port: int = 5434  # Airflow's metadata, MLflow's store and the feedback tables
@@ -152,12 +157,17 @@ class Settings(BaseSettings):
     retry: RetryConfig = RetryConfig()
 
     @property
-    def resolved_dataset_dir(self) -> Path:
+    def base_dataset_dir(self) -> Path:
+        """The dataset the first model trains on (feedback versions build on it): a real IP102
+        checkout when `dataset_dir` names one, else the generated synthetic dataset."""
         return self.dataset_dir or self.data_dir / "datasets" / "synthetic"
 
     @property
     def tracking_uri(self) -> str:
         return self.mlflow_tracking_uri or f"sqlite:///{self.data_dir / 'mlflow.db'}"
+
+    # Where each part keeps its files under the data directory. (`duplicates` pairs these
+    # properties by their shape: one line each, alike on purpose.)
 
     @property
     def artifact_root(self) -> Path:
@@ -179,10 +189,6 @@ class Settings(BaseSettings):
         return self.data_dir / "postgres"
 
     @property
-    def database_url(self) -> str:
-        return self.feedback.database_url or f"postgresql+psycopg2://insect@127.0.0.1:{self.feedback.postgres_port}/insect"
-
-    @property
     def image_store_dir(self) -> Path:
         """Feedback images when no S3 bucket is configured."""
         return self.data_dir / "feedback" / "images"
@@ -201,6 +207,10 @@ class Settings(BaseSettings):
     def work_dir(self) -> Path:
         """Scratch space for checkpoints and build outputs between DAG tasks."""
         return self.data_dir / "work"
+
+    def stage_dir(self, run_id: str, stage: str) -> Path:
+        """Where one stage of one retraining run writes: `<work dir>/<MLflow run id>/<stage>`."""
+        return self.work_dir / run_id / stage
 
 
 @lru_cache

@@ -7,23 +7,16 @@ import shlex
 
 import typer
 
-from config import REPO_ROOT, get_settings
+from config import get_settings
+from config.airflow import airflow_environment
 
 app = typer.Typer(add_completion=False)
 
 
 @app.command()
 def airflow_env() -> None:
-    settings = get_settings()
-    env = {
-        "AIRFLOW_HOME": settings.resolved_airflow_home,
-        "AIRFLOW__CORE__DAGS_FOLDER": REPO_ROOT / "dags",
-        "AIRFLOW__CORE__PLUGINS_FOLDER": REPO_ROOT / "plugins",
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "MLFLOW_TRACKING_URI": settings.tracking_uri,
-    }
-    for key, value in env.items():
-        print(f"export {key}={shlex.quote(str(value))}")
+    for key, value in airflow_environment(get_settings()).items():
+        print(f"export {key}={shlex.quote(value)}")
 
 
 @app.command()

@@ -13,31 +13,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pendulum
-from airflow.sdk import Asset, dag, task
+from airflow.sdk import dag, task
 
-from config import TRAINING_DATASET_ASSET, get_settings
-from plugins.task_policy import default_args
-
-training_dataset = Asset(TRAINING_DATASET_ASSET)
+from config import get_settings
+from dags.assets import TRAINING_DATASET
+from dags.defaults import dag_arguments, fail_without_retry
 
 
-@dag(
-    schedule=get_settings().feedback.ingest_schedule,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args=default_args(get_settings()),
-    tags=["insect", "feedback"],
-    doc_md=__doc__,
-)
+@dag(**dag_arguments(get_settings(), schedule=get_settings().feedback.ingest_schedule, tags=["feedback"]), doc_md=__doc__)
 def ingest_feedback():
     @task.short_circuit
     def enough_feedback() -> bool:
-        from feedback.export import pending_count
+        from feedback import db
 
         settings = get_settings()
-        pending = pending_count(settings)
+        pending = db.pending_count(db.engine(settings))  # counted in SQL: the hourly check loads no rows
         print(f"{pending} feedback rows pending; a new version needs {settings.feedback.min_new_samples}")
         return pending >= settings.feedback.min_new_samples
 
@@ -45,46 +35,27 @@ def ingest_feedback():
     def stage_version() -> dict:
         from feedback.export import stage
 
-        staged = stage(get_settings())
-        summary = staged.summary
-        print(
-            f"staged {staged.target_dir.name} from {staged.parent_dir}: {summary.added} images added, "
-            f"{summary.relabelled} relabelled, {len(summary.skipped)} skipped {summary.skipped}"
-        )
-        return {
-            "staging_dir": str(staged.staging_dir),
-            "target_dir": str(staged.target_dir),
-            "feedback_ids": staged.feedback_ids,
-            "num_samples": summary.added + summary.relabelled,
-        }
+        return stage(get_settings()).handoff()
 
     @task
     def validate_version(staged: dict) -> dict:
         """The training suite; a failing version is not published (no retry: data won't heal)."""
-        from airflow.sdk.exceptions import AirflowFailException
+        from ml.validate import DataValidationError, validate
 
-        from ml.validate import DataValidationError, validate_dataset
-
-        report_dir = get_settings().work_dir / "validation" / Path(staged["target_dir"]).name
-        try:
-            summary = validate_dataset(Path(staged["staging_dir"]), report_dir)
-        except DataValidationError as error:
-            raise AirflowFailException(str(error)) from error
+        settings = get_settings()
+        report_dir = settings.work_dir / "validation" / Path(staged["target_dir"]).name
+        with fail_without_retry(DataValidationError):
+            summary = validate(settings, dataset_dir=Path(staged["staging_dir"]), out_dir=report_dir)
         return {**staged, "digest": summary.digest}
 
-    @task(outlets=[training_dataset])
+    @task(outlets=[TRAINING_DATASET])
     def publish_version(staged: dict, *, outlet_events=None) -> str:
         from feedback.export import publish
 
-        export_id = publish(
-            get_settings(), Path(staged["staging_dir"]), Path(staged["target_dir"]), staged["feedback_ids"], staged["num_samples"]
-        )
-        outlet_events[training_dataset].extra = {
-            "dataset_dir": staged["target_dir"],
-            "digest": staged["digest"],
-            "export_id": export_id,
-            "feedback_ids": staged["feedback_ids"],
-        }
+        staging_dir, target_dir = Path(staged["staging_dir"]), Path(staged["target_dir"])
+        export_id = publish(get_settings(), staging_dir, target_dir, staged["feedback_ids"], staged["num_samples"])
+        extra = {"dataset_dir": staged["target_dir"], "digest": staged["digest"], "feedback_ids": staged["feedback_ids"]}
+        outlet_events[TRAINING_DATASET].extra = {**extra, "export_id": export_id}
         return staged["target_dir"]
 
     staged = stage_version()

@@ -16,7 +16,8 @@ def up() -> None:
     """Start the database (the embedded cluster unless a URL is configured) and migrate it."""
     settings = get_settings()
     db.engine(settings)
-    typer.echo(f"feedback database ready: {db.database_url(settings)}")
+    url = sa.make_url(db.database_url(settings)).render_as_string(hide_password=True)
+    typer.echo(f"feedback database ready: {url}")
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """Predictions and feedback in PostgreSQL (SQLAlchemy Core over psycopg2).
 
 The schema is owned by the Alembic migrations in `feedback/migrations`; the tables below mirror
-it for queries. Rows are only ever inserted, and marked once a dataset version has consumed them.
+it for queries (a test compares the two with Alembic's autogenerate and finds no difference).
+Rows are only ever inserted, and marked once a dataset version has consumed them.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from feedback import postgres
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
+# Declared again here as migration 0001 declares them, deliberately: a migration is history and
+# never changes, these follow the newest schema (tests/code/test_feedback.py compares the two).
+# `duplicates` pairs them, and these tables with each other: that is what column lists look like.
 metadata = sa.MetaData()
 predictions = sa.Table(
     "predictions",
     metadata,
     sa.Column("id", sa.String(36), primary_key=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     sa.Column("model_name", sa.Text, nullable=False),
     sa.Column("model_version", sa.Text, nullable=False),
     sa.Column("backend", sa.Text, nullable=False),
@@ -38,7 +42,7 @@ dataset_exports = sa.Table(
     "dataset_exports",
     metadata,
     sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     sa.Column("dataset_dir", sa.Text, nullable=False),
     sa.Column("num_samples", sa.Integer, nullable=False),
 )
@@ -46,7 +50,7 @@ feedback = sa.Table(
     "feedback",
     metadata,
     sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     sa.Column("prediction_id", sa.String(36), sa.ForeignKey("predictions.id")),
     sa.Column("image_sha256", sa.String(64), nullable=False),
     sa.Column("image_key", sa.Text, nullable=False),
@@ -54,6 +58,8 @@ feedback = sa.Table(
     sa.Column("corrected_label", sa.Text, nullable=False),
     sa.Column("user_id", sa.Text),
     sa.Column("export_id", sa.Integer, sa.ForeignKey("dataset_exports.id")),
+    # the hourly count of pending feedback reads this index, not the table
+    sa.Index("ix_feedback_pending", "id", postgresql_where=sa.text("export_id IS NULL")),
 )
 
 
@@ -84,7 +90,7 @@ def engine(settings: Settings) -> sa.Engine:
 
 
 @dataclass(frozen=True)
-class Prediction:
+class StoredPrediction:
     id: str
     model_version: str
     label: str
@@ -92,63 +98,24 @@ class Prediction:
     image_key: str
 
 
-def record_prediction(
-    db: sa.Engine,
-    *,
-    model_name: str,
-    model_version: str,
-    backend: str,
-    label: str,
-    probability: float,
-    image_sha256: str,
-    image_key: str,
-) -> str:
+def record_prediction(db: sa.Engine, **columns: str | float) -> str:
+    """Insert a prediction (every column of `predictions` but `id`, by name); returns its new id."""
     prediction_id = str(uuid.uuid4())
     with db.begin() as conn:
-        conn.execute(
-            predictions.insert().values(
-                id=prediction_id,
-                model_name=model_name,
-                model_version=model_version,
-                backend=backend,
-                label=label,
-                probability=probability,
-                image_sha256=image_sha256,
-                image_key=image_key,
-            )
-        )
+        conn.execute(predictions.insert().values(id=prediction_id, **columns))
     return prediction_id
 
 
-def get_prediction(db: sa.Engine, prediction_id: str) -> Prediction | None:
+def get_prediction(db: sa.Engine, prediction_id: str) -> StoredPrediction | None:
     with db.connect() as conn:
         row = conn.execute(sa.select(predictions).where(predictions.c.id == prediction_id)).first()
-    return None if row is None else Prediction(row.id, row.model_version, row.label, row.image_sha256, row.image_key)
+    return None if row is None else StoredPrediction(row.id, row.model_version, row.label, row.image_sha256, row.image_key)
 
 
-def record_feedback(
-    db: sa.Engine,
-    *,
-    image_sha256: str,
-    image_key: str,
-    predicted_label: str,
-    corrected_label: str,
-    user_id: str | None,
-    prediction_id: str | None,
-) -> int:
+def record_feedback(db: sa.Engine, **columns: str | None) -> int:
+    """Insert feedback (the columns of `feedback` a user sends, by name); returns its new id."""
     with db.begin() as conn:
-        return conn.execute(
-            feedback.insert()
-            .values(
-                image_sha256=image_sha256,
-                image_key=image_key,
-                predicted_label=predicted_label,
-                corrected_label=corrected_label,
-                user_id=user_id,
-                prediction_id=prediction_id,
-            )
-            .returning(feedback.c.id)
-        ).scalar_one()
+        return conn.execute(feedback.insert().values(**columns).returning(feedback.c.id)).scalar_one()
 
 
 def pending_count(db: sa.Engine) -> int:

@@ -4,6 +4,7 @@ marks the feedback it consumed, in one database transaction."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from config import Settings
 from feedback import db
 from feedback.images import image_store
 from ml.data.versions import STAGING_SUFFIX, Sample, VersionSummary, build_version, current_dataset, next_version
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -21,9 +24,15 @@ class StagedVersion:
     feedback_ids: list[int]
     summary: VersionSummary
 
-
-def pending_count(settings: Settings) -> int:
-    return db.pending_count(db.engine(settings))  # counted in SQL: the hourly check loads no rows
+    def handoff(self) -> dict:
+        """What the next tasks need (XCom): where it is staged and published, what it consumed."""
+        added = self.summary.added + self.summary.relabelled
+        return {
+            "staging_dir": str(self.staging_dir),
+            "target_dir": str(self.target_dir),
+            "feedback_ids": self.feedback_ids,
+            "num_samples": added,
+        }
 
 
 def stage(settings: Settings) -> StagedVersion:
@@ -35,6 +44,15 @@ def stage(settings: Settings) -> StagedVersion:
     target = next_version(settings.dataset_versions_dir)
     staging = target.with_name(target.name + STAGING_SUFFIX)
     summary = build_version(parent, samples, staging)
+    log.info(
+        "staged %s from %s: %d images added, %d relabelled, %d skipped %s",
+        target.name,
+        parent,
+        summary.added,
+        summary.relabelled,
+        len(summary.skipped),
+        summary.skipped,
+    )
     return StagedVersion(staging, target, parent, [row.id for row in rows], summary)
 
 

@@ -4,9 +4,41 @@ registry's model flavour serves. Needs the TVM runtime only, none of the trainin
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+PredictFn = Callable[[np.ndarray], np.ndarray]  # float32 NCHW in [0, 1] -> logits (N, classes)
+
+# A registered version's artifact keys: the exported eager program and one TVM library per
+# llvm batch size and CUDA arch. The compile step writes them, the registry's flavour reads them.
+EXPORTED_KEY = "exported"
+_LLVM_PREFIX, _CUDA_PREFIX = "tvm_llvm_b", "tvm_cuda_"
+
+
+def llvm_key(batch: int) -> str:
+    return f"{_LLVM_PREFIX}{batch}"
+
+
+def cuda_key(arch: str) -> str:
+    return f"{_CUDA_PREFIX}{arch}"
+
+
+def llvm_libraries(artifacts: dict[str, str]) -> dict[int, str]:
+    """Batch size -> library path, of the llvm libraries among a version's artifacts."""
+    return {int(key.removeprefix(_LLVM_PREFIX)): path for key, path in artifacts.items() if key.startswith(_LLVM_PREFIX)}
+
+
+def eager_predict_fn(module) -> PredictFn:
+    """A torch module (or torch.export program's module) as a numpy batch -> logits function."""
+    import torch
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.as_tensor(batch)).numpy()
+
+    return predict
 
 
 def host_target() -> dict:

@@ -22,7 +22,12 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
+from pydantic import BaseModel
 
+from config import Settings
+from ml.results import CompileResult, Evaluation, ValidationSummary
+from ml.runtime import PredictFn
+from ml.tracking import RunLog, configure
 from registry.pyfunc import SpeciesClassifierModel
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -38,20 +43,21 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def register_model(name: str, artifacts: dict[str, Path], model_config: dict, tags: dict[str, str]) -> ModelVersion:
-    """Log the artifacts as one pyfunc model in the active run and register it as a new version
-    of `name`, tagged with each artifact's sha256 and `tags`, and aliased `challenger`.
+def register_model(name: str, artifacts: dict[str, Path], model_config: dict, tags: dict[str, str], run: RunLog) -> ModelVersion:
+    """Log the artifacts as one pyfunc model in `run` and register it as a new version of
+    `name`, tagged with each artifact's sha256 and `tags`, and aliased `challenger`.
 
     `model_config` holds `classes`, `image_size` and `tvm_llvm_target` (the CPU the library was
     built for)."""
-    info = mlflow.pyfunc.log_model(
-        name="classifier",
-        python_model=SpeciesClassifierModel(),
-        artifacts={key: str(path) for key, path in artifacts.items()},
-        model_config={"backend": "auto", **model_config},  # MLflow only overrides logged keys at load time
-        pip_requirements=[f"{p}=={package_version(p)}" for p in ("mlflow", "torch", "apache-tvm", "numpy")],
-        registered_model_name=name,
-    )
+    with mlflow.start_run(run_id=run.run_id):
+        info = mlflow.pyfunc.log_model(
+            name="classifier",
+            python_model=SpeciesClassifierModel(),
+            artifacts={key: str(path) for key, path in artifacts.items()},
+            model_config={"backend": "auto", **model_config},  # MLflow only overrides logged keys at load time
+            pip_requirements=[f"{p}=={package_version(p)}" for p in ("mlflow", "torch", "apache-tvm", "numpy")],
+            registered_model_name=name,
+        )
     client = MlflowClient()
     version = str(info.registered_model_version)
     for key, value in {**tags, **{f"sha256.{k}": sha256(p) for k, p in artifacts.items()}}.items():
@@ -67,10 +73,6 @@ def version_by_alias(name: str, alias: str) -> ModelVersion | None:
         if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
-
-
-def load_model(name: str, alias: str = CHAMPION) -> mlflow.pyfunc.PyFuncModel:
-    return mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
 
 
 class ChecksumError(RuntimeError):
@@ -149,3 +151,51 @@ def gate(name: str, version: str, candidate: dict[str, float], champion: dict[st
     if promoted:
         promote(name, version)
     return promoted
+
+
+class Registration(BaseModel):
+    name: str
+    version: str
+    champion: bool  # whether the gate promoted it
+    metrics: dict[str, float]  # its test-split metrics
+
+
+def champion_predict_fn(settings: Settings) -> PredictFn | None:
+    """The served champion as a batch -> logits function (checked like the service checks it),
+    for scoring candidates against it; None before the first champion."""
+    configure(settings)
+    served = load_verified(settings.registered_model_name, CHAMPION)
+    return None if served is None else served.predict
+
+
+def _with_champion_scores(settings: Settings, evaluation: Evaluation, dataset_dir: Path) -> Evaluation:
+    """The gate compares with the champion: an evaluation made without it (the evaluate stage
+    run from the shell) gets the champion's scores on the same test split here."""
+    champion = champion_predict_fn(settings) if evaluation.baseline is None else None
+    if champion is None:
+        return evaluation
+    from ml.evaluate import score
+
+    baseline = score(champion, dataset_dir, evaluation.classes, evaluation.image_size)
+    return evaluation.model_copy(update={"baseline": baseline})
+
+
+def register(
+    settings: Settings, *, compiled: CompileResult, evaluation: Evaluation, dataset: ValidationSummary, run: RunLog
+) -> Registration:
+    """The register stage: a new version of the configured model from the compile stage's
+    artifacts, tagged with the dataset and the run it came from and the settings that made it;
+    `challenger`, and `champion` when the gate promotes it."""
+    name = settings.registered_model_name
+    evaluation = _with_champion_scores(settings, evaluation, dataset.dataset_dir)
+    model_config = {"classes": evaluation.classes, "image_size": evaluation.image_size, "tvm_llvm_target": compiled.llvm_target}
+    trained_with = settings.model_dump(include={"model", "train", "prune", "compile"})
+    tags = {
+        "dataset_digest": dataset.digest,
+        "dataset_dir": str(dataset.dataset_dir),
+        "run_id": run.run_id,
+        "config": json.dumps(trained_with, default=str),
+    }
+    version = register_model(name, compiled.artifacts, model_config, tags, run)
+    promoted = gate(name, version.version, evaluation.candidate, evaluation.baseline)
+    return Registration(name=name, version=str(version.version), champion=promoted, metrics=evaluation.candidate)

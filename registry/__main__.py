@@ -1,4 +1,5 @@
-"""`python -m registry`: list the registered model's versions, promote one to champion, roll back."""
+"""`python -m registry`: register a retraining run's model, list the versions, promote one to
+champion, roll back."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import typer
 from mlflow import MlflowClient
 
 from config import get_settings
+from ml.results import CompileResult, Evaluation, ValidationSummary
+from ml.tracking import RunLog, configure
 from registry import promote as promote_version
+from registry import register as register_version
 from registry import rollback as rollback_champion
-from registry.tracking import configure
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -22,6 +25,24 @@ def _versions(name: str) -> list:
     client = MlflowClient()
     numbers = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
     return [client.get_model_version(name, str(n)) for n in numbers]
+
+
+@app.command()
+def register(
+    run_dir: Annotated[Path, typer.Option(help="a retraining run's work dir: validate/, compile/ and evaluate/ results")],
+    run_id: Annotated[str | None, typer.Option(help="the MLflow run to log the model into (default: a new one)")] = None,
+) -> None:
+    """Register the compiled model of a run as a new version; the gate decides on champion."""
+    settings = get_settings()
+    run = RunLog.of(settings, run_id) if run_id else RunLog.start(settings, run_name="register")
+    registration = register_version(
+        settings,
+        compiled=CompileResult.load(run_dir / "compile"),
+        evaluation=Evaluation.load(run_dir / "evaluate"),
+        dataset=ValidationSummary.load(run_dir / "validate"),
+        run=run,
+    )
+    typer.echo(registration.model_dump_json(indent=2))
 
 
 @app.command("list")

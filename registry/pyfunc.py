@@ -10,8 +10,9 @@ import mlflow.pyfunc
 import numpy as np
 from PIL import Image
 
+from ml.runtime import EXPORTED_KEY, CompiledClassifier, eager_predict_fn, host_target, llvm_libraries
+
 EAGER, TVM = "torch-eager", "tvm-llvm"
-TVM_KEY = "tvm_llvm_b"  # artifacts tvm_llvm_b1, tvm_llvm_b8, ...: one library per batch size
 
 
 def preprocess(image: Image.Image, size: int) -> np.ndarray:
@@ -27,33 +28,16 @@ class SpeciesClassifierModel(mlflow.pyfunc.PythonModel):
         self.classes: list[str] = config["classes"]
         self.image_size: int = config["image_size"]
         wanted = config.get("backend", "auto")  # auto | tvm | eager, overridable at load time
-        if wanted != "eager" and self._tvm_fits(context):
-            from ml.runtime import CompiledClassifier
-
-            libraries = {
-                int(key.removeprefix(TVM_KEY)): path for key, path in context.artifacts.items() if key.startswith(TVM_KEY)
-            }
+        libraries = llvm_libraries(context.artifacts)
+        if wanted != "eager" and libraries and config.get("tvm_llvm_target") == host_target():
             self.backend, self._run = TVM, CompiledClassifier(libraries)
         elif wanted == "tvm":
             raise RuntimeError("backend 'tvm' requested, but this version has no TVM library built for this CPU")
         else:
             import torch
 
-            module = torch.export.load(context.artifacts["exported"]).module()
             self.backend = EAGER
-
-            def run(batch: np.ndarray) -> np.ndarray:
-                with torch.inference_mode():
-                    return module(torch.as_tensor(batch)).numpy()
-
-            self._run = run
-
-    @staticmethod
-    def _tvm_fits(context) -> bool:
-        from ml.runtime import host_target
-
-        built_for = context.model_config.get("tvm_llvm_target")
-        return any(key.startswith(TVM_KEY) for key in context.artifacts) and built_for == host_target()
+            self._run = eager_predict_fn(torch.export.load(context.artifacts[EXPORTED_KEY]).module())
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         return self._run(np.asarray(model_input, dtype=np.float32))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
+
+from config.private import write_private
 
 NAMES = (
     "airflow_db_password",
@@ -25,27 +26,17 @@ ENV_NAMES = {name: name.upper() for name in NAMES} | {
 }
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write `text` readable by its owner only; a crash mid-write leaves the old file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    partial.replace(path)
-
-
 def load_or_create(path: Path) -> dict[str, str]:
     """The secrets in `path`, creating the file (mode 0600) with fresh random values the first
     time; a file written by an older version gains the names it lacks."""
     known = json.loads(path.read_text()) if path.exists() else {}
     missing = {name: secrets.token_urlsafe(24) for name in NAMES if name not in known}
     if missing:
-        _write_private(path, json.dumps(known | missing, indent=2))
+        write_private(path, json.dumps(known | missing, indent=2))
     return known | missing
 
 
 def write_env_file(secrets_: dict[str, str], path: Path) -> None:
     """The secrets as a .env file (mode 0600) for `docker compose` and `kubectl create secret
     generic --from-env-file`."""
-    _write_private(path, "".join(f"{ENV_NAMES[name]}={secrets_[name]}\n" for name in NAMES))
+    write_private(path, "".join(f"{ENV_NAMES[name]}={secrets_[name]}\n" for name in NAMES))

@@ -16,8 +16,9 @@ from feedback import db
 from feedback.images import image_key, image_store
 from ml.compile import export
 from ml.model import SpeciesClassifier, build_coca
+from ml.runtime import EXPORTED_KEY
+from ml.tracking import RunLog
 from registry import promote, register_model
-from registry.tracking import run as tracked_run
 
 # Small enough for seconds-long steps on 2 cores, big enough for every split to hold every class.
 TINY_ENV = {
@@ -43,15 +44,12 @@ def register_tiny_model(classes: list[str], seed: int, champion: bool = True) ->
     """Register an untrained tiny classifier in the configured registry; returns its version."""
     torch.manual_seed(seed)
     model = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), classes).eval()
-    with tempfile.TemporaryDirectory() as tmp, tracked_run(get_settings()):
+    with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt2"
         torch.export.save(export(model), path)
-        version = register_model(
-            get_settings().registered_model_name,
-            {"exported": path},
-            {"classes": classes, "image_size": model.image_size},
-            tags={},
-        )
+        model_config = {"classes": classes, "image_size": model.image_size}
+        run = RunLog.start(get_settings(), run_name="tiny model")
+        version = register_model(get_settings().registered_model_name, {EXPORTED_KEY: path}, model_config, {}, run)
     if champion:
         promote(get_settings().registered_model_name, version.version)
     return str(version.version)

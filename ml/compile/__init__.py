@@ -1,4 +1,5 @@
-"""Compile the classifier with TVM Relax: torch.export -> Relax -> a shared library per target.
+"""The compile stage: the classifier through TVM Relax, torch.export -> Relax -> a shared library
+per target (`python -m ml.compile --model pruned.pt --out-dir D`).
 
 The llvm build targets the host CPU (`ml.runtime.host_target`) and is checked against eager
 PyTorch on validation images. CUDA builds are cross-compiled whenever nvcc is on PATH; without a
@@ -9,31 +10,34 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from config import CompileConfig
-from ml.evaluate import collect_logits, torch_predict_fn
-from ml.runtime import CompiledClassifier, claim_tvm_threads, host_target
+from config import CompileConfig, Settings
+from ml.evaluate import collect_logits
+from ml.model import load_classifier
+from ml.results import CompileResult
+from ml.runtime import (
+    EXPORTED_KEY,
+    CompiledClassifier,
+    claim_tvm_threads,
+    cuda_key,
+    eager_predict_fn,
+    host_target,
+    llvm_key,
+)
+from ml.tracking import NO_RUN, RunLog
 
 
 class ParityError(RuntimeError):
     """The compiled model does not give the eager model's answers."""
 
 
-@dataclass(frozen=True)
-class CompileResult:
-    exported_path: Path  # torch.export program: the eager model, loadable without our classes
-    llvm_paths: dict[int, Path]  # batch size -> tuned host-CPU library
-    llvm_target: dict
-    cuda_paths: dict[str, Path] = field(default_factory=dict)  # arch -> library
-    max_abs_diff: float = 0.0
-    top1_agreement: float = 1.0
+class CudaBuildError(RuntimeError):
+    """A CUDA build came out without CUDA kernels."""
 
 
 def export(model: torch.nn.Module, batch: int | None = None) -> torch.export.ExportedProgram:
@@ -118,20 +122,18 @@ def build_static(model: torch.nn.Module, batch: int, cfg: CompileConfig, tuning_
     return out_path
 
 
-def build(mod, target: dict):
-    """Build a Relax module; GPU targets get dlight's default thread schedules first."""
+def build_cuda(mod, arch: str):
+    """Cross-compile a Relax module for one CUDA arch, with dlight's default thread schedules."""
     import tvm
     from tvm import relax
+    from tvm.s_tir import dlight as dl
 
-    tvm_target = tvm.target.Target(target)
-    if target["kind"] == "cuda":
-        from tvm.s_tir import dlight as dl
-
-        with tvm_target:
-            mod = relax.get_pipeline("zero")(mod)
-            mod = dl.ApplyDefaultSchedule(
-                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
-            )(mod)
+    tvm_target = tvm.target.Target({"kind": "cuda", "arch": arch})
+    with tvm_target:
+        mod = relax.get_pipeline("zero")(mod)
+        mod = dl.ApplyDefaultSchedule(
+            dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+        )(mod)
     return tvm.relax.build(mod, target=tvm_target)
 
 
@@ -141,12 +143,12 @@ def cuda_kernel_source(library_module) -> str:
         for inner in [imported, *imported.imports]:
             if inner.kind == "cuda":
                 return inner.inspect_source()
-    raise ParityError("the CUDA build carries no cuda module")
+    raise CudaBuildError("the CUDA build carries no cuda module")
 
 
 def check_parity(model: torch.nn.Module, compiled, dataset_dir: Path, cfg: CompileConfig) -> tuple[float, float]:
     """Max abs logit difference and top-1 agreement of `compiled` vs eager on the val split."""
-    eager, _ = collect_logits(torch_predict_fn(model), dataset_dir, "val", model.image_size)
+    eager, _ = collect_logits(eager_predict_fn(model), dataset_dir, "val", model.image_size)
     tvm_logits, _ = collect_logits(compiled, dataset_dir, "val", model.image_size)
     max_diff = float(np.abs(eager - tvm_logits).max())
     agreement = float(np.mean(eager.argmax(1) == tvm_logits.argmax(1)))
@@ -158,31 +160,37 @@ def check_parity(model: torch.nn.Module, compiled, dataset_dir: Path, cfg: Compi
     return max_diff, agreement
 
 
-def compile_model(model_path: Path, dataset_dir: Path, cfg: CompileConfig, out_dir: Path, tuning_dir: Path) -> CompileResult:
-    """Export; build tuned host-CPU libraries per batch size (and CUDA archs when nvcc exists);
-    check parity; log metrics and the tuning records to MLflow."""
-    from ml.prune import load_model
+def build_cuda_libraries(program: torch.export.ExportedProgram, archs: list[str], out_dir: Path) -> dict[str, Path]:
+    """One library per CUDA arch, cross-compiled; none where nvcc is missing."""
+    if not shutil.which("nvcc"):
+        return {}
+    mod, paths = to_relax(program), {}
+    for arch in archs:
+        executable = build_cuda(mod, arch)
+        cuda_kernel_source(executable.mod)  # fails loudly if no kernels were generated
+        paths[arch] = out_dir / f"model_cuda_{arch}.so"
+        executable.export_library(str(paths[arch]))
+    return paths
 
-    model = load_model(model_path).eval()
+
+def compile_model(
+    settings: Settings, *, model_path: Path, dataset_dir: Path, out_dir: Path, run: RunLog = NO_RUN
+) -> CompileResult:
+    """Export; build tuned host-CPU libraries per batch size (and CUDA archs when nvcc exists);
+    check parity on the validation split; log metrics and the tuning records to `run`."""
+    cfg, tuning_dir = settings.compile, settings.tuning_dir
+    model = load_classifier(model_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     program = export(model)
-    exported_path = out_dir / "model.pt2"
-    torch.export.save(program, exported_path)
+    torch.export.save(program, out_dir / "model.pt2")
     llvm_paths = {
         batch: build_static(model, batch, cfg, tuning_dir, out_dir / f"model_llvm_b{batch}.so")
         for batch in tqdm(cfg.batch_sizes, desc="tuning + building for the CPU", unit="batch size")
     }
     max_diff, agreement = check_parity(model, CompiledClassifier(llvm_paths), dataset_dir, cfg)
-    mod = to_relax(program)
-    cuda_paths = {}
-    if shutil.which("nvcc"):
-        for arch in cfg.cuda_archs:
-            executable = build(mod, {"kind": "cuda", "arch": arch})
-            cuda_kernel_source(executable.mod)  # fails loudly if no kernels were generated
-            cuda_paths[arch] = out_dir / f"model_cuda_{arch}.so"
-            executable.export_library(str(cuda_paths[arch]))
+    cuda_paths = build_cuda_libraries(program, cfg.cuda_archs, out_dir)
     target = host_target()
-    mlflow.log_params(
+    run.params(
         {
             "compile.llvm_mcpu": target["mcpu"],
             "compile.cuda_archs": ",".join(cuda_paths) or "none",
@@ -190,8 +198,14 @@ def compile_model(model_path: Path, dataset_dir: Path, cfg: CompileConfig, out_d
             "compile.tuning_trials": cfg.tuning_trials,
         }
     )
-    mlflow.log_metrics({"tvm_max_abs_diff": max_diff, "tvm_top1_agreement": agreement})
+    run.metrics({"tvm_max_abs_diff": max_diff, "tvm_top1_agreement": agreement})
     for name in ("database_workload.json", "database_tuning_record.json"):
         if (tuning_dir / name).exists():
-            mlflow.log_artifact(str(tuning_dir / name), "tuning")
-    return CompileResult(exported_path, llvm_paths, target, cuda_paths, max_diff, agreement)
+            run.artifact(tuning_dir / name, "tuning")
+    artifacts = {
+        EXPORTED_KEY: out_dir / "model.pt2",
+        **{llvm_key(batch): path for batch, path in llvm_paths.items()},
+        **{cuda_key(arch): path for arch, path in cuda_paths.items()},
+    }
+    result = CompileResult(artifacts=artifacts, llvm_target=target, max_abs_diff=max_diff, top1_agreement=agreement)
+    return result.save(out_dir)

@@ -16,7 +16,7 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def generate(out: Annotated[Path | None, typer.Option(help="dataset root (default: the configured dataset dir)")] = None) -> None:
     settings = get_settings()
-    root = generate_synthetic(out or settings.resolved_dataset_dir, settings.synthetic)
+    root = generate_synthetic(out or settings.base_dataset_dir, settings.synthetic)
     typer.echo(f"synthetic dataset written to {root}")
 
 

@@ -24,7 +24,9 @@ MARKINGS = ("plain", "stripes", "spots")
 
 
 @dataclass(frozen=True)
-class Species:
+class BodyPlan:
+    """How one species looks in the synthetic dataset."""
+
     body_rgb: tuple[float, float, float]
     mark_rgb: tuple[float, float, float]
     segments: int
@@ -35,13 +37,13 @@ class Species:
     antenna: float
 
 
-def species_plan(index: int, num_classes: int) -> Species:
+def species_plan(index: int, num_classes: int) -> BodyPlan:
     """A body plan per class: hues spread evenly, shape attributes cycling out of phase."""
     rng = np.random.default_rng(1000 + index)
     hue = index / num_classes
     body = colorsys.hsv_to_rgb(hue, 0.55 + 0.4 * rng.random(), 0.45 + 0.5 * rng.random())
     mark = colorsys.hsv_to_rgb((hue + 0.5) % 1.0, 0.8, 0.2 + 0.7 * rng.random())
-    return Species(
+    return BodyPlan(
         body_rgb=body,
         mark_rgb=mark,
         segments=1 + index % 3,
@@ -71,7 +73,7 @@ def _leaf_background(size: int, rng: np.random.Generator) -> Image.Image:
     return image.filter(ImageFilter.GaussianBlur(size / 40))
 
 
-def _draw_insect(species: Species, size: int, rng: np.random.Generator) -> Image.Image:
+def _draw_insect(species: BodyPlan, size: int, rng: np.random.Generator) -> Image.Image:
     """The insect on a transparent canvas, facing up, centred."""
     canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     draw = ImageDraw.Draw(canvas)
@@ -136,7 +138,7 @@ def _draw_marking(draw: ImageDraw.ImageDraw, marking: str, box: tuple, rgb: tupl
             draw.ellipse((x - r, y - r, x + r, y + r), fill=(*rgb, 255))
 
 
-def render(species: Species, size: int, rng: np.random.Generator) -> Image.Image:
+def render(species: BodyPlan, size: int, rng: np.random.Generator) -> Image.Image:
     """One photograph-like sample: the insect posed on a background, blurred and noisy."""
     big = size * SUPERSAMPLE
     image = _leaf_background(big, rng)

@@ -45,7 +45,7 @@ def latest_version(versions_dir: Path) -> Path | None:
 
 def current_dataset(settings: Settings) -> Path:
     """What training uses: the newest version built from feedback, else the base dataset."""
-    return latest_version(settings.dataset_versions_dir) or settings.resolved_dataset_dir
+    return latest_version(settings.dataset_versions_dir) or settings.base_dataset_dir
 
 
 def next_version(versions_dir: Path) -> Path:

@@ -39,6 +39,11 @@ def build_coca(name: str, vocab_size: int | None = None) -> CoCa:
     return coca
 
 
+def load_classifier(path: Path) -> SpeciesClassifier:
+    """A whole pickled classifier written by an earlier stage of this pipeline (trusted input)."""
+    return torch.load(path, weights_only=False).eval()
+
+
 class CaptionTokenizer:
     """open_clip's BPE tokenizer (its vocabulary ships with the package) with ids renumbered onto
     the tokens a caption corpus uses. The captions need a few hundred tokens; a 49k-way output

@@ -14,13 +14,12 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
-from config import get_settings
+from config import REPO_ROOT, get_settings
 from feedback.db import feedback as feedback_table
 from ml.data import read_classes, read_split
 from registry import promote
 from tests.support import TINY_ENV, free_port, register_tiny_model
 
-REPO = Path(__file__).resolve().parent.parent
 BUCKET = "insect-feedback-test"
 MAX_IMAGE_BYTES = 100_000
 
@@ -50,7 +49,7 @@ def server(tmp_path_factory, tiny_dataset, postgres_url, s3_endpoint):
         with open(data_dir / "bento.log", "w") as log:
             process = subprocess.Popen(
                 [str(Path(sys.executable).with_name("bentoml")), "serve", "bentos.service:InsectClassifier", "--port", str(port)],
-                cwd=REPO,
+                cwd=REPO_ROOT,
                 env={**os.environ},
                 stdout=log,
                 stderr=subprocess.STDOUT,

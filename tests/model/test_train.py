@@ -8,8 +8,9 @@ import torch
 
 from ml.data import read_classes
 from ml.model import SpeciesClassifier, build_coca
-from ml.train import finetune_classifier, train
-from registry.tracking import run as tracked_run
+from ml.tracking import RunLog
+from ml.train import train
+from ml.train.classifier import finetune_classifier
 from tests.support import free_port
 
 DISTRIBUTED_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
@@ -19,17 +20,17 @@ LOSS_CURVE_TOLERANCE = 0.10  # relative, per epoch (measured: at most 5.8%): aug
 def test_training_steps_through_deepspeed(settings, tmp_path, monkeypatch):
     for key in DISTRIBUTED_VARIABLES:
         monkeypatch.delenv(key, raising=False)
-    model = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), read_classes(settings.resolved_dataset_dir))
+    model = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), read_classes(settings.base_dataset_dir))
     before = model.head.weight.detach().clone()
     cfg = settings.train.model_copy(update={"max_steps_per_epoch": 2})
-    with tracked_run(settings) as run:
-        top1, epochs = finetune_classifier(
-            model, settings.resolved_dataset_dir, cfg, epochs=1, stage="smoke", checkpoint_dir=tmp_path / "ckpt"
-        )
+    run = RunLog.start(settings, run_name="smoke")
+    top1, epochs = finetune_classifier(
+        model, settings.base_dataset_dir, cfg, epochs=1, stage="smoke", checkpoint_dir=tmp_path / "ckpt", run=run
+    )
     assert epochs == 1 and 0.0 <= top1 <= 1.0
     assert not torch.equal(before, model.head.weight)  # the optimizer stepped
     assert (tmp_path / "ckpt" / "smoke-best").is_dir()  # DeepSpeed checkpoint written
-    assert "smoke_train_loss" in mlflow.get_run(run.info.run_id).data.metrics
+    assert "smoke_train_loss" in mlflow.get_run(run.run_id).data.metrics
     torch.save(model, tmp_path / "plain.pt")  # DeepSpeed's hooks are gone: the module pickles
     # this process's store keeps MASTER_PORT bound: a subprocess that trains must not inherit it
     assert not DISTRIBUTED_VARIABLES & set(os.environ)
@@ -51,18 +52,15 @@ def test_two_processes_through_the_deepspeed_launcher_follow_the_single_process_
             }
         )
         run_settings = settings.model_copy(update={"train": train_cfg})
-        with tracked_run(settings) as active:
-            result = train(run_settings, settings.resolved_dataset_dir, tmp_path / f"world{world_size}")
+        run = RunLog.start(settings, run_name=f"world size {world_size}")
+        result = train(run_settings, dataset_dir=settings.base_dataset_dir, out_dir=tmp_path / f"world{world_size}", run=run)
         client = mlflow.MlflowClient()
         curves[world_size] = {
-            stage: [
-                m.value
-                for m in sorted(client.get_metric_history(active.info.run_id, f"{stage}_train_loss"), key=lambda m: m.step)
-            ]
+            stage: [m.value for m in sorted(client.get_metric_history(run.run_id, f"{stage}_train_loss"), key=lambda m: m.step)]
             for stage in ("coca", "classifier")
         }
         assert result.model_path.is_file() and result.epochs_run == 3
-        assert mlflow.get_run(active.info.run_id).data.params["train.world_size"] == str(world_size)
+        assert mlflow.get_run(run.run_id).data.params["train.world_size"] == str(world_size)
     print(f"per-epoch training loss by world size: {curves}")
     for stage in ("coca", "classifier"):
         single, double = np.array(curves[1][stage]), np.array(curves[2][stage])
@@ -78,9 +76,9 @@ def test_zero3_shards_train_into_a_whole_classifier(settings, tmp_path):
     train_cfg = settings.train.model_copy(
         update={"world_size": 2, "deepspeed_config": tmp_path / "zero3.json", "master_port": free_port()}
     )
-    with tracked_run(settings):
-        result = train(settings.model_copy(update={"train": train_cfg}), settings.resolved_dataset_dir, tmp_path / "out")
+    zero3_settings = settings.model_copy(update={"train": train_cfg})
+    result = train(zero3_settings, dataset_dir=settings.base_dataset_dir, out_dir=tmp_path / "out")
     trained = torch.load(result.model_path, weights_only=False)
-    fresh = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), read_classes(settings.resolved_dataset_dir))
+    fresh = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), read_classes(settings.base_dataset_dir))
     assert [p.shape for p in trained.visual.parameters()] == [p.shape for p in fresh.visual.parameters()]
     assert trained(torch.zeros(1, 3, trained.image_size, trained.image_size)).shape == (1, len(trained.classes))

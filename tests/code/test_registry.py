@@ -10,12 +10,12 @@ from typer.testing import CliRunner
 from ml.compile import build_static, export
 from ml.model import SpeciesClassifier, build_coca
 from ml.runtime import host_target
+from ml.tracking import RunLog
 from registry import (
     CHALLENGER,
     CHAMPION,
     ChecksumError,
     gate,
-    load_model,
     load_verified,
     promote,
     register_model,
@@ -24,7 +24,6 @@ from registry import (
     version_by_alias,
 )
 from registry.__main__ import app
-from registry.tracking import run
 
 CLASSES = ["a", "b", "c"]
 
@@ -39,11 +38,9 @@ def artifacts(tmp_path):
 
 
 def _register(settings, artifacts, top1, champion):
-    with run(settings):
-        version = register_model(
-            settings.registered_model_name, artifacts, {"classes": CLASSES, "image_size": 64}, tags={"dataset_digest": "d1"}
-        )
-        promoted = gate(settings.registered_model_name, version.version, {"top1": top1}, champion)
+    model_config, run = {"classes": CLASSES, "image_size": 64}, RunLog.start(settings, run_name="test")
+    version = register_model(settings.registered_model_name, artifacts, model_config, {"dataset_digest": "d1"}, run)
+    promoted = gate(settings.registered_model_name, version.version, {"top1": top1}, champion)
     return version, promoted
 
 
@@ -57,7 +54,7 @@ def test_first_version_becomes_champion_and_carries_hashes(settings, artifacts):
     tags = MlflowClient().get_model_version(name, version.version).tags
     assert tags["sha256.exported"] == sha256(files["exported"]) and tags["dataset_digest"] == "d1"
     batch = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
-    served = load_model(name).predict(batch)
+    served = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}").predict(batch)  # MLflow's own loader
     with torch.inference_mode():
         assert np.allclose(served, model(torch.from_numpy(batch)).numpy(), atol=1e-5)
 
@@ -119,13 +116,8 @@ def test_a_version_with_a_tvm_library_for_this_cpu_is_served_by_tvm(settings, ar
     model, files = artifacts
     untuned = settings.compile.model_copy(update={"tuning_trials": 0})
     files = {**files, "tvm_llvm_b1": build_static(model, 1, untuned, tmp_path / "tuning", tmp_path / "b1.so")}
-    with run(settings):
-        register_model(
-            settings.registered_model_name,
-            files,
-            {"classes": CLASSES, "image_size": 64, "tvm_llvm_target": host_target()},
-            tags={},
-        )
+    model_config = {"classes": CLASSES, "image_size": 64, "tvm_llvm_target": host_target()}
+    register_model(settings.registered_model_name, files, model_config, {}, RunLog.start(settings, run_name="test"))
     promote(settings.registered_model_name, "1")
     served = load_verified(settings.registered_model_name)
     assert served.backend == "tvm-llvm"
@@ -133,3 +125,25 @@ def test_a_version_with_a_tvm_library_for_this_cpu_is_served_by_tvm(settings, ar
     with torch.inference_mode():
         assert np.abs(served.predict(batch) - model(torch.from_numpy(batch)).numpy()).max() < 1e-4
     assert load_verified(settings.registered_model_name, backend="eager").backend == "torch-eager"
+
+
+def test_register_scores_the_champion_when_the_evaluation_did_not(settings, artifacts, tmp_path):
+    """`python -m ml.evaluate` knows no champion; the gate must still compare with it."""
+    from ml.results import CompileResult, Evaluation, ValidationSummary
+    from registry import register
+
+    _, files = artifacts
+    _register(settings, files, 0.8, None)
+    dataset = ValidationSummary(
+        dataset_dir=settings.base_dataset_dir, digest="d", num_images=40, num_classes=4, report_path=tmp_path
+    )
+    registration = register(
+        settings,
+        compiled=CompileResult(artifacts=files, llvm_target=host_target(), max_abs_diff=0.0, top1_agreement=1.0),
+        evaluation=Evaluation(candidate={"top1": 0.0}, baseline=None, classes=CLASSES, image_size=64),
+        dataset=dataset,
+        run=RunLog.start(settings, run_name="test"),
+    )
+    decision = json.loads(MlflowClient().get_model_version(settings.registered_model_name, registration.version).tags["gate"])
+    assert not registration.champion and set(decision["champion"]) == {"top1", "top5", "macro_f1"}
+    assert str(version_by_alias(settings.registered_model_name, CHAMPION).version) == "1"

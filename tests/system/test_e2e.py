@@ -11,28 +11,24 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from config import TRAINING_DATASET_ASSET
+from config import REPO_ROOT
+from config.airflow import airflow_environment
+from dags.assets import TRAINING_DATASET
 from feedback import db
 from ml.data import read_classes, read_split
 from registry import CHAMPION
 from tests.support import photo_bytes, post_feedback
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def _airflow(args: list[str], env: dict) -> subprocess.CompletedProcess:
     airflow = Path(sys.executable).with_name("airflow")
-    return subprocess.run([str(airflow), *args], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    return subprocess.run(
+        [str(airflow), *args], check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1500
+    )
 
 
 def _airflow_env(settings, tmp_path) -> dict:
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(tmp_path / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "MLFLOW_TRACKING_URI": settings.tracking_uri,
-    }
+    env = {**os.environ, **airflow_environment(settings, airflow_home=tmp_path / "airflow")}
     assert _airflow(["db", "migrate"], env).returncode == 0
     return env
 
@@ -40,7 +36,7 @@ def _airflow_env(settings, tmp_path) -> dict:
 @pytest.mark.slow
 def test_ingest_dag_publishes_a_dataset_version_and_an_asset_event(live_settings, tmp_path):
     settings = live_settings
-    classes = read_classes(settings.resolved_dataset_dir)
+    classes = read_classes(settings.base_dataset_dir)
     ids = [post_feedback(settings, photo_bytes(10 + i), classes[i % len(classes)]) for i in range(3)]
     env = {
         **_airflow_env(settings, tmp_path),
@@ -53,11 +49,11 @@ def test_ingest_dag_publishes_a_dataset_version_and_an_asset_event(live_settings
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
     version = settings.dataset_versions_dir / "v0001"
-    assert len(read_split(version, "train")) == len(read_split(settings.resolved_dataset_dir, "train")) + 3
+    assert len(read_split(version, "train")) == len(read_split(settings.base_dataset_dir, "train")) + 3
     assert db.pending_feedback(db.engine(settings)) == []
     with sqlite3.connect(tmp_path / "airflow" / "airflow.db") as conn:
         events = conn.execute("SELECT a.name, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id").fetchall()
-    assert [name for name, _ in events] == [TRAINING_DATASET_ASSET]
+    assert [name for name, _ in events] == [TRAINING_DATASET.name]
     assert json.loads(events[0][1])["feedback_ids"] == ids
 
 

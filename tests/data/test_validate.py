@@ -2,7 +2,7 @@ import shutil
 
 import pytest
 
-from ml.validate import DataValidationError, validate_dataset
+from ml.validate import DataValidationError, validate
 
 
 @pytest.fixture
@@ -12,8 +12,8 @@ def copy_of(tiny_dataset, tmp_path):
     return root
 
 
-def test_valid_dataset_passes(tiny_dataset, tmp_path):
-    summary = validate_dataset(tiny_dataset, tmp_path)
+def test_valid_dataset_passes(settings, tiny_dataset, tmp_path):
+    summary = validate(settings, dataset_dir=tiny_dataset, out_dir=tmp_path)
     assert summary.num_images == 40 and summary.num_classes == 4 and len(summary.digest) == 64
     assert summary.report_path.is_file()
 
@@ -34,8 +34,8 @@ def test_valid_dataset_passes(tiny_dataset, tmp_path):
     ],
     ids=["undecodable", "missing", "duplicate-across-splits", "label-out-of-range", "empty-class"],
 )
-def test_corrupted_dataset_fails_with_readable_report(copy_of, tmp_path, corrupt, expected):
+def test_corrupted_dataset_fails_with_readable_report(settings, copy_of, tmp_path, corrupt, expected):
     corrupt(copy_of)
     with pytest.raises(DataValidationError, match=expected) as failure:
-        validate_dataset(copy_of, tmp_path / "report")
+        validate(settings, dataset_dir=copy_of, out_dir=tmp_path / "report")
     assert "full report" in str(failure.value)

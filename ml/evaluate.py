@@ -1,8 +1,9 @@
-"""Top-1, top-5, macro-F1 and a confusion matrix for any model given as a batch -> logits function."""
+"""The evaluate stage: top-1, top-5, macro-F1 and a confusion matrix on the test split, for the
+candidate and, when given, the served champion (`python -m ml.evaluate --model M --out-dir D`).
+`score` does it for any model given as a batch -> logits function."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -10,24 +11,17 @@ import matplotlib
 matplotlib.use("Agg")  # headless: workers and CI have no display
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
+import typer
 from sklearn.metrics import ConfusionMatrixDisplay, f1_score
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from config import Settings
+from ml import cli
 from ml.data import IP102Dataset, eval_transform
-
-PredictFn = Callable[[np.ndarray], np.ndarray]  # float32 NCHW in [0, 1] -> logits (N, classes)
-
-
-def torch_predict_fn(model: torch.nn.Module) -> PredictFn:
-    model.eval()
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(batch)).numpy()
-
-    return predict
+from ml.results import Evaluation
+from ml.runtime import PredictFn, eager_predict_fn
+from ml.tracking import NO_RUN, RunLog
 
 
 def collect_logits(
@@ -71,7 +65,7 @@ def confusion_matrix_plot(logits: np.ndarray, labels: np.ndarray, classes: list[
     return path
 
 
-def evaluate(
+def score(
     predict: PredictFn, dataset_dir: Path, classes: list[str], image_size: int, out_dir: Path | None = None, split: str = "test"
 ) -> dict[str, float]:
     """Metrics of `predict` on one split; with `out_dir`, also writes confusion_matrix.png there."""
@@ -80,3 +74,36 @@ def evaluate(
         out_dir.mkdir(parents=True, exist_ok=True)
         confusion_matrix_plot(logits, labels, classes, out_dir / "confusion_matrix.png")
     return classification_metrics(logits, labels)
+
+
+def evaluate(
+    settings: Settings,
+    *,
+    model_path: Path,
+    dataset_dir: Path,
+    out_dir: Path,
+    baseline: PredictFn | None = None,
+    run: RunLog = NO_RUN,
+) -> Evaluation:
+    """The candidate at `model_path` and the `baseline` (the champion), on the same test split.
+    Logs the candidate's metrics, the baseline's as `champion_*`, and the confusion matrix."""
+    from ml.model import load_classifier
+
+    model = load_classifier(model_path)
+    candidate = score(eager_predict_fn(model), dataset_dir, model.classes, model.image_size, out_dir)
+    run.metrics(candidate)
+    run.artifact(out_dir / "confusion_matrix.png", "evaluation")
+    champion = None
+    if baseline is not None:
+        champion = score(baseline, dataset_dir, model.classes, model.image_size)
+        run.metrics({f"champion_{key}": value for key, value in champion.items()})
+    return Evaluation(candidate=candidate, baseline=champion, classes=model.classes, image_size=model.image_size).save(out_dir)
+
+
+def main(model_path: cli.ModelPath, out_dir: cli.OutDir, dataset_dir: cli.DatasetDir = None, run_id: cli.RunId = None) -> None:
+    """Score a classifier on the test split (no champion: that is the registry's)."""
+    cli.run_stage(evaluate, run_id, dataset_dir, model_path=model_path, out_dir=out_dir)
+
+
+if __name__ == "__main__":
+    typer.run(main)

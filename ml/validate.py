@@ -1,31 +1,29 @@
-"""Great Expectations checks over a dataset's manifest; a failure stops the pipeline before training."""
+"""The validate stage: Great Expectations checks over a dataset's manifest; a failure stops the
+pipeline before training (`python -m ml.validate --out-dir D [--dataset-dir DS]`)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
 import pandas as pd
+import typer
+from great_expectations.expectations.row_conditions import Column
 from PIL import Image
 
+from config import Settings
+from ml import cli
 from ml.data import dataset_digest, manifest, read_classes
+from ml.results import ValidationSummary
+from ml.tracking import NO_RUN, RunLog
 
 MIN_SIDE, MAX_SIDE = 16, 10_000  # pixels: thumbnails and panoramas are both data errors
 
 
 class DataValidationError(RuntimeError):
     """The dataset broke at least one expectation; the message is the readable report."""
-
-
-@dataclass(frozen=True)
-class ValidationSummary:
-    digest: str
-    num_images: int
-    num_classes: int
-    report_path: Path
 
 
 def _image_facts(path: str) -> tuple[bool, int, int]:
@@ -59,7 +57,7 @@ def expectation_suite(num_classes: int) -> gx.ExpectationSuite:
         gxe.ExpectColumnValuesToBeBetween(column="height", min_value=MIN_SIDE, max_value=MAX_SIDE),
         gxe.ExpectColumnValuesToBeInSet(column="splits_with_same_image", value_set=[1]),
         gxe.ExpectColumnDistinctValuesToContainSet(
-            column="label", value_set=list(range(num_classes)), row_condition='split=="train"', condition_parser="pandas"
+            column="label", value_set=list(range(num_classes)), row_condition=Column("split") == "train"
         ),
     ):
         suite.add_expectation(expectation)
@@ -77,14 +75,12 @@ def _readable(results: list) -> str:
     return "\n".join(lines)
 
 
-def validate_dataset(root: Path, report_dir: Path) -> ValidationSummary:
-    """Run the suite over the dataset at `root`; raise DataValidationError with a report on failure.
-
-    The full Great Expectations result is written as JSON to `report_dir` either way.
-    """
-    root = Path(root)
-    classes = read_classes(root)
-    table = profile(root)
+def validate(settings: Settings, *, dataset_dir: Path, out_dir: Path, run: RunLog = NO_RUN) -> ValidationSummary:
+    """Run the suite over the dataset at `dataset_dir`; raise DataValidationError with a readable
+    report on failure. The full Great Expectations result is written to `out_dir` either way, and
+    logged with the dataset's digest and size."""
+    classes = read_classes(dataset_dir)
+    table = profile(dataset_dir)
     context = gx.get_context(mode="ephemeral")
     batch = (
         context.data_sources.add_pandas("dataset")
@@ -93,9 +89,34 @@ def validate_dataset(root: Path, report_dir: Path) -> ValidationSummary:
         .get_batch(batch_parameters={"dataframe": table})
     )
     result = batch.validate(expectation_suite(len(classes)))
-    report_dir.mkdir(parents=True, exist_ok=True)
-    report_path = report_dir / "validation.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path = out_dir / "validation.json"
     report_path.write_text(json.dumps(result.to_json_dict(), indent=1))
+    run.artifact(report_path, "validation")
     if not result.success:
-        raise DataValidationError(f"dataset {root} failed validation (full report: {report_path}):\n{_readable(result.results)}")
-    return ValidationSummary(dataset_digest(table, classes), len(table), len(classes), report_path)
+        raise DataValidationError(
+            f"dataset {dataset_dir} failed validation (full report: {report_path}):\n{_readable(result.results)}"
+        )
+    summary = ValidationSummary(
+        dataset_dir=dataset_dir,
+        digest=dataset_digest(table, classes),
+        num_images=len(table),
+        num_classes=len(classes),
+        report_path=report_path,
+    )
+    run.tags({"dataset_digest": summary.digest, "dataset_dir": str(dataset_dir)})
+    run.params({"dataset.images": summary.num_images, "dataset.classes": summary.num_classes})
+    return summary.save(out_dir)
+
+
+def main(out_dir: cli.OutDir, dataset_dir: cli.DatasetDir = None, run_id: cli.RunId = None) -> None:
+    """Validate a dataset; exit 1 with the failed expectations when it breaks one."""
+    try:
+        cli.run_stage(validate, run_id, dataset_dir, out_dir=out_dir)
+    except DataValidationError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1) from error
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -13,7 +13,7 @@ from tvm_ffi import structural_hash
 from config import CompileConfig, ModelConfig, PruneConfig, SyntheticDataConfig
 from ml.compile import (
     ParityError,
-    build,
+    build_cuda,
     build_static,
     check_parity,
     cuda_kernel_source,
@@ -24,10 +24,9 @@ from ml.compile import (
 )
 from ml.compile.tuning import SHIPPED_BATCH_SIZES, SHIPPED_RECORDS, keep_best, new_tasks
 from ml.model import SelfAttention, SpeciesClassifier, build_coca
-from ml.prune import count_flops, make_heads_prunable, prune_structure
+from ml.prune import count_flops, make_heads_prunable, prune_structure, recovery_finetune
 from ml.runtime import CompiledClassifier, aligned_zeros
-from ml.train import distillation_loss, recovery_finetune
-from registry.tracking import run as tracked_run
+from ml.train.classifier import distillation_loss
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +69,7 @@ def test_recovery_finetune_gives_the_same_weights_whatever_the_random_state(tiny
         torch.rand(attempt + 1)  # the process's random state differs between the two
         model = copy.deepcopy(tiny_model)
         prune_structure(model, cfg)
-        with tracked_run(settings):
-            recovery_finetune(model, tiny_model, tiny_dataset, settings, cfg, tmp_path / str(attempt))
+        recovery_finetune(model, tiny_model, tiny_dataset, settings, tmp_path / str(attempt))
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
@@ -223,7 +221,7 @@ def test_parity_check_fails_on_a_different_model(tiny_model, tiny_dataset, setti
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="CUDA cross-compilation needs nvcc")
 def test_cuda_cross_compile_carries_kernels_for_the_arch(tiny_model, tmp_path):
-    executable = build(to_relax(export(tiny_model)), {"kind": "cuda", "arch": "sm_80"})
+    executable = build_cuda(to_relax(export(tiny_model)), "sm_80")
     source = cuda_kernel_source(executable.mod)
     assert "__global__" in source
     executable.export_library(str(tmp_path / "model_cuda.so"))

@@ -1,4 +1,6 @@
-"""Structured pruning of the classifier's ViT with torch-pruning, then a short recovery fine-tune.
+"""The prune stage: structured pruning of the classifier's ViT with torch-pruning, then a short
+recovery fine-tune distilled from the unpruned model
+(`python -m ml.prune --model classifier.pt --out-dir D`).
 
 Removes whole hidden channels of every transformer MLP and whole attention heads, so the result
 is a smaller dense model that any runtime speeds up, not a sparse mask.
@@ -6,23 +8,27 @@ is a smaller dense model that any runtime speeds up, not a sparse mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 import torch_pruning as tp
+import typer
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
 from config import PruneConfig, Settings
+from ml import cli
 from ml.data import IP102Dataset, eval_transform
-from ml.evaluate import classification_metrics, collect_logits, torch_predict_fn
-from ml.model import SelfAttention, SpeciesClassifier
-from ml.train import recovery_finetune
+from ml.evaluate import classification_metrics, collect_logits
+from ml.model import SelfAttention, SpeciesClassifier, load_classifier
+from ml.results import PruneResult
+from ml.runtime import eager_predict_fn
+from ml.tracking import NO_RUN, RunLog
+from ml.train.classifier import finetune_classifier
+from ml.train.engine import seed_everything
 
 
 @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
@@ -35,22 +41,8 @@ class PruningRegressionError(RuntimeError):
     """Pruning cost more validation accuracy than the configured bound."""
 
 
-@dataclass(frozen=True)
-class PruneResult:
-    model_path: Path
-    flops_before: int
-    flops_after: int
-    val_top1_before: float
-    val_top1_after: float
-
-
-def load_model(path: Path) -> SpeciesClassifier:
-    """A whole pickled classifier written by an earlier step of this pipeline (trusted input)."""
-    return torch.load(path, weights_only=False)
-
-
 def _val_logits(model: SpeciesClassifier, dataset_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    return collect_logits(torch_predict_fn(model), dataset_dir, "val", model.image_size)
+    return collect_logits(eager_predict_fn(model), dataset_dir, "val", model.image_size)
 
 
 def make_heads_prunable(model: SpeciesClassifier) -> list[SelfAttention]:
@@ -109,28 +101,45 @@ def count_flops(model: nn.Module) -> tuple[int, int]:
     return int(counter.get_total_flops()), sum(p.numel() for p in model.parameters())
 
 
-def prune(model_path: Path, dataset_dir: Path, settings: Settings, out_dir: Path) -> PruneResult:
+def recovery_finetune(
+    model: SpeciesClassifier, teacher: nn.Module, dataset_dir: Path, settings: Settings, out_dir: Path, run: RunLog = NO_RUN
+) -> None:
+    """A short fine-tune after pruning, distilled from the unpruned `teacher`."""
+    seed_everything(settings.train.seed)  # the same pruned weights from the same inputs, in any process
+    finetune_classifier(
+        model,
+        dataset_dir,
+        settings.train.model_copy(update={"lr": settings.train.lr / 3}),
+        epochs=settings.prune.finetune_epochs,
+        stage="prune_finetune",
+        checkpoint_dir=out_dir / "checkpoints",
+        teacher=teacher,
+        run=run,
+    )
+
+
+def prune(settings: Settings, *, model_path: Path, dataset_dir: Path, out_dir: Path, run: RunLog = NO_RUN) -> PruneResult:
     """Prune, fine-tune with the unpruned model as teacher, and check against it on the
     validation split.
 
     Raises PruningRegressionError when validation top-1 drops by more than
-    `settings.prune.max_top1_drop`. Logs params, FLOPs and accuracy before/after to MLflow.
+    `settings.prune.max_top1_drop`. Logs params, FLOPs and accuracy before/after to `run`.
     """
     cfg = settings.prune
-    teacher = load_model(model_path).eval()
+    teacher = load_classifier(model_path)
     logits_before, labels = _val_logits(teacher, dataset_dir)
     top1_before = classification_metrics(logits_before, labels)["top1"]
     flops_before, params_before = count_flops(teacher)
-    model = load_model(model_path).eval()
+    model = load_classifier(model_path)
     prune_structure(model, cfg, dataset_dir)
     flops_after, params_after = count_flops(model)
     if cfg.finetune_epochs:
-        recovery_finetune(model, teacher, dataset_dir, settings, cfg, out_dir)
+        recovery_finetune(model, teacher, dataset_dir, settings, out_dir, run)
     logits_after, _ = _val_logits(model, dataset_dir)
     top1_after = classification_metrics(logits_after, labels)["top1"]
     agreement = float(np.mean(logits_after.argmax(1) == logits_before.argmax(1)))
-    mlflow.log_params({f"prune.{key}": value for key, value in cfg.model_dump().items()})
-    mlflow.log_metrics(
+    run.params({f"prune.{key}": value for key, value in cfg.model_dump().items()})
+    run.metrics(
         {
             "prune_params_before": params_before,
             "prune_params_after": params_after,
@@ -148,6 +157,20 @@ def prune(model_path: Path, dataset_dir: Path, settings: Settings, out_dir: Path
             "INSECT_PRUNE__MLP_RATIO / INSECT_PRUNE__HEAD_RATIO or raise INSECT_PRUNE__FINETUNE_EPOCHS"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    pruned_path = out_dir / "pruned.pt"
-    torch.save(model, pruned_path)
-    return PruneResult(pruned_path, flops_before, flops_after, top1_before, top1_after)
+    torch.save(model, out_dir / "pruned.pt")
+    return PruneResult(
+        model_path=out_dir / "pruned.pt",
+        flops_before=flops_before,
+        flops_after=flops_after,
+        val_top1_before=top1_before,
+        val_top1_after=top1_after,
+    ).save(out_dir)
+
+
+def main(model_path: cli.ModelPath, out_dir: cli.OutDir, dataset_dir: cli.DatasetDir = None, run_id: cli.RunId = None) -> None:
+    """Prune a trained classifier and fine-tune it back; writes OUT_DIR/pruned.pt."""
+    cli.run_stage(prune, run_id, dataset_dir, model_path=model_path, out_dir=out_dir)
+
+
+if __name__ == "__main__":
+    typer.run(main)

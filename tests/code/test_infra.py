@@ -3,17 +3,15 @@ the Helm values are checked against the project: every file, command and variabl
 exists, and their ports and variables agree with the config module and `make up`."""
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
-from config import Settings
+from config import REPO_ROOT, Settings
 from stack import Stack, secrets
 
-REPO = Path(__file__).resolve().parent.parent
-COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-KUBERNETES = REPO / "infra" / "kubernetes"
+COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+KUBERNETES = REPO_ROOT / "infra" / "kubernetes"
 MANIFESTS = [doc for doc in yaml.safe_load_all((KUBERNETES / "platform.yaml").read_text()) if doc]
 HELM_VALUES = yaml.safe_load((KUBERNETES / "airflow-values.yaml").read_text())
 OUR_SERVICES = {name: s for name, s in COMPOSE["services"].items() if s.get("image") == "insect-mlops:latest"}
@@ -38,24 +36,25 @@ def _settings_field_exists(variable: str) -> bool:
 
 
 def test_our_services_run_from_the_project_image_with_commands_from_its_environment():
-    assert (REPO / COMPOSE["x-insect-image"]["build"]["context"] / COMPOSE["x-insect-image"]["build"]["dockerfile"]).is_file()
-    assert "ENV PATH=/app/.venv/bin:$PATH" in (REPO / "infra" / "Dockerfile").read_text()
+    build = COMPOSE["x-insect-image"]["build"]
+    assert (REPO_ROOT / build["context"] / build["dockerfile"]).is_file()
+    assert "ENV PATH=/app/.venv/bin:$PATH" in (REPO_ROOT / "infra" / "Dockerfile").read_text()
     commands = [s["command"] for name, s in OUR_SERVICES.items() if name != "airflow-init"]
     commands += [c["command"] for c in CONTAINERS]
     for command in commands:
         program = command[0]
-        assert program == "make" or (REPO / ".venv" / "bin" / program).is_file(), command
+        assert program == "make" or (REPO_ROOT / ".venv" / "bin" / program).is_file(), command
         if program == "bentoml":
             module, _, cls = command[2].partition(":")
-            assert f"class {cls}" in (REPO / (module.replace(".", "/") + ".py")).read_text()
+            assert f"class {cls}" in (REPO_ROOT / (module.replace(".", "/") + ".py")).read_text()
         if program == "make":
-            assert f"\n{command[1]}:" in (REPO / "Makefile").read_text()
+            assert f"\n{command[1]}:" in (REPO_ROOT / "Makefile").read_text()
 
 
 def test_mounted_files_exist_and_the_database_script_creates_what_make_up_creates():
     mounts = [v.split(":")[0] for s in COMPOSE["services"].values() for v in s.get("volumes", []) if v.startswith("./")]
-    assert mounts and all((REPO / m).is_file() for m in mounts), mounts
-    script = (REPO / "infra" / "postgres" / "create-databases.sh").read_text()
+    assert mounts and all((REPO_ROOT / m).is_file() for m in mounts), mounts
+    script = (REPO_ROOT / "infra" / "postgres" / "create-databases.sh").read_text()
     from stack import DATABASES
 
     for database, secret in DATABASES.items():
@@ -63,7 +62,7 @@ def test_mounted_files_exist_and_the_database_script_creates_what_make_up_create
 
 
 def test_every_variable_compose_and_kubernetes_interpolate_comes_from_the_env_file():
-    text = (REPO / "docker-compose.yml").read_text()
+    text = (REPO_ROOT / "docker-compose.yml").read_text()
     compose_vars = set(re.findall(r"(?<!\$)\$\{(\w+)", text))
     kubernetes_vars = set(
         re.findall(r"\$\((\w+)\)", (KUBERNETES / "platform.yaml").read_text() + (KUBERNETES / "airflow-values.yaml").read_text())
@@ -131,15 +130,17 @@ def test_kubernetes_serves_on_the_configured_ports_with_the_helm_chart_on_kubern
 
 
 def test_dockerfile_copies_only_what_exists():
-    for line in (REPO / "infra" / "Dockerfile").read_text().splitlines():
+    for line in (REPO_ROOT / "infra" / "Dockerfile").read_text().splitlines():
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
-                assert (REPO / source).exists(), source
+                assert (REPO_ROOT / source).exists(), source
 
 
 def test_image_holds_everything_the_services_run():
-    copied = {line.split()[1] for line in (REPO / "infra" / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")}
-    code = {p.name for p in REPO.iterdir() if p.is_dir() and any(p.glob("*.py")) and p.name not in {"tests", "benchmarks"}}
+    copied = {
+        line.split()[1] for line in (REPO_ROOT / "infra" / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")
+    }
+    code = {p.name for p in REPO_ROOT.iterdir() if p.is_dir() and any(p.glob("*.py")) and p.name not in {"tests", "benchmarks"}}
     assert code <= copied, f"not in the image: {code - copied}"
     assert "scripts" in copied  # make demo runs scripts/demo.sh
 
@@ -147,15 +148,15 @@ def test_image_holds_everything_the_services_run():
 def test_bentofile_names_the_service_and_existing_files_and_the_locked_versions():
     import tomllib
 
-    bentofile = yaml.safe_load((REPO / "bentos" / "bentofile.yaml").read_text())
+    bentofile = yaml.safe_load((REPO_ROOT / "bentos" / "bentofile.yaml").read_text())
     module, _, service = bentofile["service"].partition(":")
-    assert f"class {service}" in (REPO / (module.replace(".", "/") + ".py")).read_text()
+    assert f"class {service}" in (REPO_ROOT / (module.replace(".", "/") + ".py")).read_text()
     for pattern in bentofile["include"]:
-        assert list(REPO.glob(pattern)), pattern
-    locked = {p["name"]: p["version"] for p in tomllib.loads((REPO / "uv.lock").read_text())["package"]}
+        assert list(REPO_ROOT.glob(pattern)), pattern
+    locked = {p["name"]: p["version"] for p in tomllib.loads((REPO_ROOT / "uv.lock").read_text())["package"]}
     pinned = [
         line.split(";")[0].strip()
-        for line in (REPO / bentofile["python"]["requirements_txt"]).read_text().splitlines()
+        for line in (REPO_ROOT / bentofile["python"]["requirements_txt"]).read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     assert pinned, "no requirements exported"

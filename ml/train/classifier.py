@@ -1,0 +1,65 @@
+"""Training stage 2: the species classifier on CoCa's image encoder, fine-tuned on the labels
+(and, after pruning, distilled from the unpruned model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from config import TrainConfig
+from ml.data import IP102Dataset, train_transform
+from ml.evaluate import classification_metrics, collect_logits
+from ml.model import SpeciesClassifier
+from ml.runtime import eager_predict_fn
+from ml.tracking import NO_RUN, RunLog
+from ml.train.engine import fit, shard_loader
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """Hinton et al.'s soft-target loss: KL divergence between temperature-softened outputs,
+    scaled by T² so its gradients keep the size of the hard-label loss's."""
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits / temperature, dim=1),
+            F.log_softmax(teacher_logits / temperature, dim=1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
+
+
+def finetune_classifier(
+    model: SpeciesClassifier,
+    dataset_dir: Path,
+    cfg: TrainConfig,
+    *,
+    epochs: int,
+    stage: str,
+    checkpoint_dir: Path,
+    teacher: torch.nn.Module | None = None,
+    run: RunLog = NO_RUN,
+) -> tuple[float, int]:
+    """Cross-entropy fine-tuning on the species labels (plus distillation from `teacher` when
+    given), early-stopped on validation top-1."""
+    loader = shard_loader(IP102Dataset(dataset_dir, "train", train_transform(model.image_size)), cfg)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def loss_fn(engine, batch):
+        images, labels = batch
+        logits = engine(images)
+        if teacher is None:
+            return criterion(logits, labels)
+        with torch.no_grad():
+            soft_targets = teacher(images)
+        return criterion(logits, labels) + distillation_loss(logits, soft_targets)
+
+    def score_fn(module) -> float:
+        logits, labels = collect_logits(eager_predict_fn(module), dataset_dir, "val", module.image_size)
+        loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+        # a small val split ties often on top-1; ties go to the lower loss
+        return classification_metrics(logits, labels)["top1"] - 1e-3 * loss
+
+    return fit(model, loader, loss_fn, score_fn, cfg=cfg, epochs=epochs, stage=stage, checkpoint_dir=checkpoint_dir, run=run)

@@ -1,0 +1,169 @@
+"""DeepSpeed on one process or many: the engine, the ranks' shards of the data, and the training
+loop with early stopping that both training stages and pruning's recovery fine-tune run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from config import TrainConfig
+from ml.tracking import NO_RUN, RunLog
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+ScoreFn = Callable[[torch.nn.Module], float]  # higher is better
+
+
+@contextmanager
+def single_process_rank():
+    """Let plain `python` act as rank 0 of 1 while DeepSpeed sets up (the deepspeed launcher sets
+    these itself). They are removed again: this process's store keeps MASTER_PORT bound, and a
+    subprocess that trains, started later, must not inherit it."""
+    defaults = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29500 + os.getpid() % 1000),
+    }
+    added = {key: value for key, value in defaults.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def mean_over_ranks(value: float) -> float:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
+
+
+def shard_loader(dataset: Dataset, cfg: TrainConfig, **kwargs) -> DataLoader:
+    """Shuffled batches of this rank's shard, batch_size / world_size each. At any world size the
+    ranks' batches together hold the images one process would batch at that step: the sampler
+    deals out one seeded permutation round-robin."""
+    world = world_size()
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank(), seed=cfg.seed, drop_last=True)
+    return DataLoader(dataset, batch_size=max(1, cfg.batch_size // world), sampler=sampler, drop_last=True, **kwargs)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def deepspeed_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
+    """A DeepSpeed engine for `model`, with batch size, learning rate and schedule from `cfg`."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # late: importing it picks the accelerator from the environment set above
+
+    ds_config = json.loads(Path(cfg.deepspeed_config).read_text())
+    ds_config["train_micro_batch_size_per_gpu"] = max(1, cfg.batch_size // world_size())
+    ds_config["optimizer"]["params"].update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if "scheduler" in ds_config:
+        ds_config["scheduler"]["params"]["total_num_steps"] = max(1, total_steps)
+        ds_config["scheduler"]["params"]["warmup_num_steps"] = max(1, min(total_steps // 10, 100))
+    with single_process_rank():
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
+        )
+    return engine
+
+
+def fit(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    loss_fn: LossFn,
+    score_fn: ScoreFn,
+    *,
+    cfg: TrainConfig,
+    epochs: int,
+    stage: str,
+    checkpoint_dir: Path,
+    run: RunLog = NO_RUN,
+) -> tuple[float, int]:
+    """Train with early stopping on `score_fn`; the best epoch's weights are restored from its
+    DeepSpeed checkpoint. Returns (best score, epochs run). Per-epoch metrics go to `run`."""
+    steps_per_epoch = min(len(loader), cfg.max_steps_per_epoch or len(loader))
+    own_attributes = {id(obj): set(vars(obj)) for obj in [*model.parameters(), *model.modules()]}
+    engine = deepspeed_engine(model, cfg, steps_per_epoch * epochs)
+    best, best_epoch, epoch = -float("inf"), -1, 0
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+        engine.train()
+        losses = []
+        batches = tqdm(
+            loader, total=steps_per_epoch, desc=f"{stage} epoch {epoch + 1}/{epochs}", unit="batch", disable=not is_rank0()
+        )
+        for step, batch in enumerate(batches):
+            if step == steps_per_epoch:
+                break
+            loss = loss_fn(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            losses.append(mean_over_ranks(loss.item()))  # the loss of the whole (global) batch
+            batches.set_postfix(loss=f"{np.mean(losses):.3f}")
+        engine.eval()
+        score = score_fn(engine.module)
+        run.metrics({f"{stage}_train_loss": float(np.mean(losses)), f"{stage}_val_score": score}, step=epoch)
+        if score > best:
+            best, best_epoch = score, epoch
+            engine.save_checkpoint(str(checkpoint_dir), tag=f"{stage}-best")
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    engine.load_checkpoint(str(checkpoint_dir), tag=f"{stage}-best", load_optimizer_states=False, load_lr_scheduler_states=False)
+    _release(engine, own_attributes)
+    return best, epoch + 1
+
+
+def _release(engine, own_attributes: dict[int, set[str]]) -> None:
+    """Detach DeepSpeed from the module, leaving a plain one behind (picklable, exportable): drop
+    its forward hooks and the attributes ZeRO hung on each parameter and submodule (process groups
+    and hook classes among them).
+    Under ZeRO-3 each rank holds a slice of every weight: gather them whole first."""
+    whole = None
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            whole = [p.data.detach().clone().float() for p in params]
+    engine.destroy()
+    if whole is not None:
+        for param, data in zip(engine.module.parameters(), whole, strict=True):
+            param.data = data
+    for hook in (engine.module_forward_pre_hook, engine.module_forward_post_hook):
+        if hook is not None:
+            hook.remove()
+    for obj in [*engine.module.parameters(), *engine.module.modules()]:
+        for key in set(vars(obj)) - own_attributes.get(id(obj), set()):
+            delattr(obj, key)

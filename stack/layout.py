@@ -1,0 +1,97 @@
+"""Where everything in the stack is: its directories and secrets, each service's address, and the
+environment every service starts with. Nothing here starts or touches a service."""
+
+from __future__ import annotations
+
+from config import Settings
+from config.airflow import airflow_environment
+from feedback import postgres
+from stack import secrets as stack_secrets
+
+# One PostgreSQL role and database per service, with the secret holding the role's password.
+DATABASES = {"airflow": "airflow_db_password", "mlflow": "mlflow_db_password", postgres.DATABASE: "feedback_db_password"}
+AIRFLOW_ADMIN = "admin"
+
+
+class Layout:
+    """Everything under `<data dir>/stack/`, and the 127.0.0.1 ports the settings give each service."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.dir = settings.stack_dir
+        self.logs = self.dir / "logs"
+        self.cluster = self.dir / "postgres"
+        self.airflow_home = self.dir / "airflow"
+        self.airflow_passwords = self.airflow_home / "passwords.json"  # the simple auth manager's admin login
+        self.conf = self.dir / "supervisord.conf"
+        self.socket = self.dir / "supervisor.sock"
+        self.pid_file = self.dir / "supervisord.pid"
+        # moto keeps objects in memory: its recording of every write, replayed on start, persists them
+        self.s3_recording = self.dir / "s3" / "recording.jsonl"
+        self.secrets = stack_secrets.load_or_create(self.dir / "secrets.json")
+
+    def url(self, service: str) -> str:
+        ports = {
+            "s3": self.settings.stack.s3_port,
+            "mlflow": self.settings.stack.mlflow_port,
+            "airflow": self.settings.stack.airflow_port,
+            "bento": self.settings.serve.port,
+        }
+        return f"http://127.0.0.1:{ports[service]}"
+
+    def database_url(self, database: str) -> str:
+        password = self.secrets[DATABASES[database]]
+        return f"postgresql+psycopg2://{database}:{password}@127.0.0.1:{self.settings.stack.postgres_port}/{database}"
+
+    @property
+    def celery(self) -> bool:
+        return self.settings.stack.executor == "CeleryExecutor"
+
+    @property
+    def broker_url(self) -> str:
+        return f"redis://127.0.0.1:{self.settings.stack.redis_port}/0"
+
+    def environment(self) -> dict[str, str]:
+        """What every service (and a DAG task) needs to find the others: supervisord hands its
+        own environment to its programs, so it is started with this."""
+        return {
+            **airflow_environment(self.settings, airflow_home=self.airflow_home),
+            **self._service_addresses(),
+            **self._airflow_services(),
+            **(self._celery_environment() if self.celery else {}),
+        }
+
+    def _service_addresses(self) -> dict[str, str]:
+        return {
+            "INSECT_DATA_DIR": str(self.settings.data_dir),
+            "INSECT_FEEDBACK__DATABASE_URL": self.database_url(postgres.DATABASE),
+            "INSECT_FEEDBACK__S3_BUCKET": "feedback",
+            "INSECT_FEEDBACK__S3_ENDPOINT_URL": self.url("s3"),
+            "MLFLOW_TRACKING_URI": self.url("mlflow"),  # the server, not the settings' local store
+            "MLFLOW_S3_ENDPOINT_URL": self.url("s3"),  # where the MLflow server keeps artifacts
+            "AWS_ACCESS_KEY_ID": self.secrets["s3_access_key"],
+            "AWS_SECRET_ACCESS_KEY": self.secrets["s3_secret_key"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def _airflow_services(self) -> dict[str, str]:
+        """Airflow as separate services sharing one PostgreSQL database and one login."""
+        return {
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",  # the scheduler drives the loop
+            "AIRFLOW__CORE__EXECUTOR": self.settings.stack.executor,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url('airflow')}/execution/",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{AIRFLOW_ADMIN}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.airflow_passwords),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database_url("airflow"),
+            "AIRFLOW__API_AUTH__JWT_SECRET": self.secrets["airflow_jwt_secret"],
+            "AIRFLOW__API__SECRET_KEY": self.secrets["airflow_api_secret_key"],
+            "AIRFLOW__API__PORT": str(self.settings.stack.airflow_port),
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.logs / "airflow"),
+        }
+
+    def _celery_environment(self) -> dict[str, str]:
+        return {
+            "AIRFLOW__CELERY__BROKER_URL": self.broker_url,
+            # task states go to Airflow's own database, as in Airflow's compose file
+            "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.database_url("airflow").replace("+psycopg2", ""),
+        }

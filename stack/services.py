@@ -1,0 +1,283 @@
+"""The services `make up` runs, in start order, each with the health check that says it is up and
+the set-up it needs before it starts or once it answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import httpx
+import psycopg2
+
+from config import REPO_ROOT
+from config.private import write_private
+from feedback import postgres
+from stack.errors import StackError
+from stack.layout import AIRFLOW_ADMIN, DATABASES, Layout
+
+BIN = Path(sys.executable).parent  # the project's virtual environment
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    command: list[str]
+    healthy: Callable[[], bool]
+    user: str | None = None  # the account it runs as (PostgreSQL refuses root)
+    environment: dict[str, str] = field(default_factory=dict)  # on top of the stack's
+    directory: Path = REPO_ROOT  # where it runs
+    stop_signal: str | None = None  # supervisord's default: TERM
+    before_start: Callable[[], None] | None = None
+    after_healthy: Callable[[], None] | None = None  # once per start: databases, buckets
+
+
+def services(layout: Layout) -> list[Service]:
+    """Each healthy before the next starts: storage, then MLflow, then Airflow, then the Bento."""
+    return [
+        _postgres(layout),
+        _s3(layout),
+        _mlflow(layout),
+        *([_redis(layout)] if layout.celery else []),
+        *_airflow(layout),
+        *(_celery_workers(layout) if layout.celery else []),
+        _bento(layout),
+    ]
+
+
+# -- storage: PostgreSQL and S3 -------------------------------------------------------------------
+
+
+def _postgres(layout: Layout) -> Service:
+    return Service(
+        "postgres",
+        [
+            _which("postgres"),
+            *("-D", str(layout.cluster), "-p", str(layout.settings.stack.postgres_port), "-k", str(layout.cluster)),
+            *("-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"),
+        ],
+        partial(_postgres_healthy, layout),
+        user=postgres.SERVER_ACCOUNT if os.geteuid() == 0 else None,
+        directory=layout.cluster,  # its account may not be allowed into the checkout
+        stop_signal="INT",  # PostgreSQL's fast shutdown
+        before_start=partial(_init_cluster, layout),
+        after_healthy=partial(_create_databases, layout),
+    )
+
+
+def _init_cluster(layout: Layout) -> None:
+    # The bootstrap superuser logs in over the cluster's own socket only; TCP logins need a password.
+    postgres.init_cluster(layout.cluster, "postgres", "--auth-local=trust", "--auth-host=scram-sha-256")
+
+
+def _admin_connection(layout: Layout):
+    return psycopg2.connect(
+        host=str(layout.cluster), port=layout.settings.stack.postgres_port, user="postgres", dbname="postgres"
+    )
+
+
+def _postgres_healthy(layout: Layout) -> bool:
+    try:
+        _admin_connection(layout).close()
+        return True
+    except psycopg2.OperationalError:
+        return False
+
+
+def _create_databases(layout: Layout) -> None:
+    """A role and a database per service; a role that exists gets its password again."""
+    conn = _admin_connection(layout)
+    conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+    try:
+        with conn.cursor() as cur:
+            for name, secret in DATABASES.items():
+                cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
+                verb = "ALTER" if cur.fetchone() else "CREATE"
+                cur.execute(f"{verb} ROLE {name} LOGIN PASSWORD %s", (layout.secrets[secret],))
+                postgres.create_database(cur, name, owner=name)
+    finally:
+        conn.close()
+
+
+def _s3(layout: Layout) -> Service:
+    return Service(
+        "s3",
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(layout.settings.stack.s3_port)],
+        partial(_http_ok, f"{layout.url('s3')}/moto-api/data.json"),
+        environment={"MOTO_ENABLE_RECORDING": "True", "MOTO_RECORDER_FILEPATH": str(layout.s3_recording)},
+        after_healthy=partial(_restore_buckets, layout),
+    )
+
+
+def _restore_buckets(layout: Layout) -> None:
+    """Replay what the last run wrote, then create the buckets a first run lacks."""
+    import boto3
+
+    if layout.s3_recording.exists():
+        httpx.post(f"{layout.url('s3')}/moto-api/recorder/replay-recording", timeout=600).raise_for_status()
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=layout.url("s3"),
+        aws_access_key_id=layout.secrets["s3_access_key"],
+        aws_secret_access_key=layout.secrets["s3_secret_key"],
+        region_name="us-east-1",
+    )
+    existing = {bucket["Name"] for bucket in s3.list_buckets()["Buckets"]}
+    for bucket in {"mlflow", "feedback"} - existing:
+        s3.create_bucket(Bucket=bucket)
+
+
+# -- MLflow ----------------------------------------------------------------------------------------
+
+
+def _mlflow(layout: Layout) -> Service:
+    return Service(
+        "mlflow",
+        [
+            *(str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(layout.settings.stack.mlflow_port)),
+            *("--workers", "1", "--backend-store-uri", layout.database_url("mlflow")),
+            *("--artifacts-destination", "s3://mlflow", "--serve-artifacts"),
+        ],
+        partial(_http_ok, f"{layout.url('mlflow')}/health"),
+    )
+
+
+# -- Airflow, and with CeleryExecutor its broker and workers ---------------------------------------
+
+
+def _airflow(layout: Layout) -> list[Service]:
+    airflow = str(BIN / "airflow")
+    return [
+        Service(
+            "airflow-api-server",
+            [airflow, "api-server", "--workers", "1"],
+            partial(_http_ok, f"{layout.url('airflow')}/api/v2/monitor/health"),
+            before_start=partial(_migrate_airflow, layout),
+        ),
+        Service("airflow-scheduler", [airflow, "scheduler"], partial(_airflow_component_healthy, layout, "scheduler")),
+        Service(
+            "airflow-dag-processor", [airflow, "dag-processor"], partial(_airflow_component_healthy, layout, "dag_processor")
+        ),
+        Service("airflow-triggerer", [airflow, "triggerer"], partial(_airflow_component_healthy, layout, "triggerer")),
+    ]
+
+
+def _migrate_airflow(layout: Layout) -> None:
+    """The admin's login, then Airflow's database schema, before the API server first reads them."""
+    write_private(layout.airflow_passwords, json.dumps({AIRFLOW_ADMIN: layout.secrets["airflow_admin_password"]}))
+    migrated = subprocess.run(
+        [str(BIN / "airflow"), "db", "migrate"],
+        env={**os.environ, **layout.environment()},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    log = layout.logs / "airflow-db-migrate.log"
+    log.write_text(migrated.stdout + migrated.stderr)
+    if migrated.returncode != 0:
+        raise StackError(f"airflow db migrate failed (log: {log})")
+
+
+def _airflow_component_healthy(layout: Layout, component: str) -> bool:
+    """The API server's view of a component that serves no HTTP of its own (its heartbeat)."""
+    try:
+        health = httpx.get(f"{layout.url('airflow')}/api/v2/monitor/health", timeout=2).json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    return (health.get(component) or {}).get("status") == "healthy"
+
+
+def _redis(layout: Layout) -> Service:
+    data = layout.dir / "redis"
+    port = layout.settings.stack.redis_port
+    # append-only file: tasks queued when the stack stops are still queued after `make up`
+    return Service(
+        "redis",
+        [
+            _which("redis-server"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(data),
+            "--appendonly",
+            "yes",
+            "--save",
+            '""',
+        ],
+        partial(_redis_healthy, port),
+        before_start=lambda: data.mkdir(exist_ok=True),
+    )
+
+
+def _redis_healthy(port: int) -> bool:
+    import redis
+
+    try:
+        return redis.Redis(port=port, socket_timeout=2).ping()
+    except redis.RedisError:
+        return False
+
+
+def _celery_workers(layout: Layout) -> list[Service]:
+    """`airflow celery worker`s taking one task at a time, each answering Celery's ping."""
+    from celery import Celery
+
+    broker = Celery(broker=layout.broker_url)
+    workers = []
+    for index in range(1, layout.settings.stack.workers + 1):
+        name = f"worker{index}@{socket.gethostname()}"
+        workers.append(
+            Service(
+                f"airflow-worker-{index}",
+                [str(BIN / "airflow"), "celery", "worker", "--concurrency", "1", "--celery-hostname", name],
+                partial(_worker_answers, broker, name),
+                # each worker serves its task logs to the UI on a port of its own
+                environment={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(layout.settings.stack.worker_log_port + index - 1)},
+            )
+        )
+    return workers
+
+
+def _worker_answers(broker, name: str) -> bool:
+    try:
+        return bool(broker.control.ping(destination=[name], timeout=1))
+    except OSError:
+        return False
+
+
+# -- the Bento -------------------------------------------------------------------------------------
+
+
+def _bento(layout: Layout) -> Service:
+    port = layout.settings.serve.port
+    return Service(
+        "bento",
+        [str(BIN / "bentoml"), "serve", "bentos.service:InsectClassifier", "--port", str(port)],
+        partial(_http_ok, f"{layout.url('bento')}/livez"),
+    )
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _which(program: str) -> str:
+    found = shutil.which(program)
+    if found is None:
+        raise StackError(f"{program} is not on PATH: install PostgreSQL's server binaries, and for Celery redis-server")
+    return found
