@@ -16,6 +16,7 @@ import hashlib
 import io
 import logging
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http import HTTPStatus
@@ -29,16 +30,21 @@ from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
+from bentos.guards import INTERNAL_HEADER, INTERNAL_TOKEN, ApiKeys, UploadLimits
 from config import get_settings
 from feedback import db
 from feedback.images import image_key, image_store
+from feedback.keys import caller_for
+from ml.data.ip102 import MAX_SIDE, MIN_SIDE
 from ml.tracking import configure
 from registry import ServedModel, load_verified, version_by_alias
 from registry.pyfunc import preprocess
 
 logger = logging.getLogger("bentoml.insect")
 settings = get_settings()
-FORMATS = {"JPEG": ("image/jpeg", ".jpg"), "PNG": ("image/png", ".png")}
+# MPO: what Pillow calls the JPEGs many phones write (a JPEG with a second, depth or preview, frame)
+FORMATS = {"JPEG": ("image/jpeg", ".jpg"), "MPO": ("image/jpeg", ".jpg"), "PNG": ("image/png", ".png")}
+FORM_OVERHEAD_BYTES = 64 * 1024  # a request may carry this much besides the image: fields, part headers
 
 
 class SpeciesScore(BaseModel):
@@ -70,6 +76,7 @@ class Scores(BaseModel):
 class FeedbackReceipt(BaseModel):
     feedback_id: int
     image_location: str
+    kind: str = Field(description="label (trains the next model) or suggestion (waits for a labeler)")
 
 
 class InputTooLarge(BentoMLException):
@@ -81,7 +88,8 @@ class NotAnImage(BentoMLException):
 
 
 def read_image(path: Path, max_bytes: int) -> tuple[bytes, Image.Image]:
-    """The upload's bytes and decoded image; 4xx errors for anything else."""
+    """The upload's bytes and decoded image; 4xx errors for anything else. Decoding is CPU work:
+    callers on the event loop run it in a thread."""
     size = path.stat().st_size
     if size == 0:
         raise InvalidArgument("the uploaded image is empty")
@@ -89,13 +97,24 @@ def read_image(path: Path, max_bytes: int) -> tuple[bytes, Image.Image]:
         raise InputTooLarge(f"the image is {size} bytes; the limit is {max_bytes}")
     data = path.read_bytes()
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to twice its limit
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise InputTooLarge(f"the image decodes to too many pixels: {error}") from error
+    except (UnidentifiedImageError, OSError) as error:
         raise NotAnImage(f"not a readable JPEG or PNG image: {error}") from error
     if image.format not in FORMATS:
         raise NotAnImage(f"{image.format} images are not accepted; send JPEG or PNG")
     return data, image
+
+
+def check_trainable_size(width: int, height: int) -> None:
+    """Feedback becomes training data: its sides must be within what the dataset suite accepts
+    (a prediction takes any size: it is resized)."""
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        raise UnprocessableEntity(f"the image is {width}x{height} px; feedback needs sides from {MIN_SIDE} to {MAX_SIDE} px")
 
 
 @contextmanager
@@ -113,7 +132,7 @@ def storage_unavailable_as_503() -> Iterator[None]:
     workers=1,
     threads=8,
     traffic={"timeout": 60, "max_concurrency": 256},
-    http={"port": settings.serve.port},
+    http={"port": settings.serve.port, "host": settings.serve.host},
 )
 class InsectClassifier:
     def __init__(self) -> None:
@@ -161,9 +180,10 @@ class InsectClassifier:
     @bentoml.api(route="/predict")
     async def predict(self, image: Path, top_k: int = Field(default=settings.serve.top_k, ge=1, le=102)) -> PredictionResponse:
         """Species of the insect in a JPEG or PNG image, most likely first."""
-        data, decoded = read_image(image, settings.feedback.max_image_bytes)
+        data, decoded = await asyncio.to_thread(read_image, image, settings.feedback.max_image_bytes)
         served = self._model()
-        scores = (await self.to_async.classify(preprocess(decoded, served.model.image_size)[None]))[0]
+        pixels = await asyncio.to_thread(preprocess, decoded, served.model.image_size)
+        scores = (await self._batched_classify()(pixels[None]))[0]
         if scores.version != served.version:  # the champion moved while this image queued
             served = self._model()
         ranked = np.argsort(scores.probabilities)[::-1][:top_k]
@@ -180,6 +200,8 @@ class InsectClassifier:
                 probability=top[0].probability,
                 image_sha256=sha,
                 image_key=key,
+                image_width=decoded.width,
+                image_height=decoded.height,
             )
         return PredictionResponse(
             prediction_id=prediction_id,
@@ -200,8 +222,12 @@ class InsectClassifier:
             default=None, description="what the model said; taken from the prediction when given"
         ),
         user_id: str | None = Field(default=None, max_length=200),
+        ctx: bentoml.Context = None,
     ) -> FeedbackReceipt:
-        """Record the right species for an image; the next retraining learns from it."""
+        """Record the right species for an image. A labeler's correction trains the next model; a
+        client's is a suggestion until a labeler confirms it."""
+        caller = ctx.request.state.caller  # set by the ApiKeys middleware
+        kind = db.LABEL if caller.may_act_as("labeler") else db.SUGGESTION
         classes = self._model().model.classes
         if corrected_label not in classes:
             raise UnprocessableEntity(f"unknown species {corrected_label!r}; POST /model lists the {len(classes)} known ones")
@@ -212,11 +238,14 @@ class InsectClassifier:
                 earlier = db.get_prediction(self.db, prediction_id)
                 if earlier is None:
                     raise NotFound(f"no prediction with id {prediction_id!r}")
+                if earlier.image_width is not None:
+                    check_trainable_size(earlier.image_width, earlier.image_height)
                 sha, key, predicted_label = earlier.image_sha256, earlier.image_key, predicted_label or earlier.label
             else:
                 if not predicted_label:
                     raise InvalidArgument("predicted_label is required with an image")
                 data, decoded = read_image(image, settings.feedback.max_image_bytes)
+                check_trainable_size(*decoded.size)
                 sha, key = self._store_image(data, decoded.format)
             feedback_id = db.record_feedback(
                 self.db,
@@ -226,8 +255,10 @@ class InsectClassifier:
                 corrected_label=corrected_label,
                 user_id=user_id,
                 prediction_id=prediction_id,
+                kind=kind,
+                submitted_by=caller.name,
             )
-        return FeedbackReceipt(feedback_id=feedback_id, image_location=f"{self.images.location}/{key}")
+        return FeedbackReceipt(feedback_id=feedback_id, image_location=f"{self.images.location}/{key}", kind=kind)
 
     @bentoml.api(route="/model")
     def model(self) -> dict:
@@ -239,6 +270,12 @@ class InsectClassifier:
             "image_size": served.model.image_size,
         }
 
+    def _batched_classify(self):
+        """`classify` through BentoML's batching, which calls the route on the service's own ASGI
+        app: with this process's token, the one way past the guards to that internal route."""
+        self.to_async.default_headers[INTERNAL_HEADER] = INTERNAL_TOKEN  # its sessions share this dict
+        return self.to_async.classify
+
     def _store_image(self, data: bytes, image_format: str) -> tuple[str, str]:
         """Store the upload (content-addressed, so a repeat is free); returns (sha256, key)."""
         sha = hashlib.sha256(data).hexdigest()
@@ -246,3 +283,19 @@ class InsectClassifier:
         key = image_key(settings.feedback.s3_prefix, sha, suffix)
         self.images.put(key, data, content_type)
         return sha, key
+
+
+# Outermost first: who is calling, then what they send (a refused caller's body is never read).
+InsectClassifier.add_asgi_middleware(
+    ApiKeys,
+    authenticate=lambda key: caller_for(db.engine(settings), key),
+    route_roles={"/predict": "client", "/feedback": "client", "/model": "client"},
+    internal_routes={"/classify"},
+    rate_limits=settings.serve.rate_limits,
+)
+InsectClassifier.add_asgi_middleware(
+    UploadLimits,
+    routes={"/predict", "/feedback"},
+    max_bytes=settings.feedback.max_image_bytes + FORM_OVERHEAD_BYTES,
+    file_fields={"image"},
+)

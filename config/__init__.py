@@ -96,11 +96,14 @@ class FeedbackConfig(Section):
 class ServeConfig(Section):
     """The Bento HTTP service."""
 
+    host: str = "127.0.0.1"  # "0.0.0.0" serves every interface (a container, behind a proxy)
     port: int = 3000
     alias: str = "champion"  # the registry alias served
     top_k: int = 3
     reload_interval_s: float = 10.0  # how often the alias is polled for a new version
     backend: Literal["auto", "tvm", "eager"] = "auto"  # auto: the TVM build when it fits this CPU
+    # requests per API key and moving window, by role (limits' notation); JSON to override
+    rate_limits: dict[str, str] = {"client": "120/minute", "labeler": "1200/minute", "admin": "1200/minute"}
     max_batch_size: int = 32
     max_latency_ms: int = 200
 
@@ -160,7 +163,12 @@ class Settings(BaseSettings):
     def base_dataset_dir(self) -> Path:
         """The dataset the first model trains on (feedback versions build on it): a real IP102
         checkout when `dataset_dir` names one, else the generated synthetic dataset."""
-        return self.dataset_dir or self.data_dir / "datasets" / "synthetic"
+        return self.dataset_dir or self.synthetic_dataset_dir
+
+    @property
+    def synthetic_dataset_dir(self) -> Path:
+        """Where the generator writes the synthetic dataset; it writes nowhere else."""
+        return self.data_dir / "datasets" / "synthetic"
 
     @property
     def tracking_uri(self) -> str:

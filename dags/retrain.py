@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from config import get_settings
 from dags.assets import TRAINING_DATASET
@@ -27,10 +27,18 @@ WEEKLY_OR_NEW_DATASET = AssetOrTimeSchedule(
 )
 
 
-@dag(**dag_arguments(get_settings(), schedule=WEEKLY_OR_NEW_DATASET, tags=["training"]), doc_md=__doc__)
+# A run may name its dataset (`airflow dags test retrain -c '{"dataset_dir": "..."}'`); the newest otherwise.
+DATASET_PARAM = Param(None, type=["null", "string"], description="a dataset directory; empty: the newest version")
+
+
+@dag(
+    **dag_arguments(get_settings(), schedule=WEEKLY_OR_NEW_DATASET, tags=["training"]),
+    params={"dataset_dir": DATASET_PARAM},
+    doc_md=__doc__,
+)
 def retrain():
     @task
-    def validate_data() -> dict:
+    def validate_data(params: dict | None = None) -> dict:
         """Check the dataset training will use (no retry: data won't heal); opens the MLflow run
         every task of this DAG run logs into. Returns the lineage: that run and the dataset."""
         from ml.data.versions import current_dataset
@@ -38,9 +46,10 @@ def retrain():
         from ml.validate import DataValidationError, validate
 
         settings = get_settings()
+        dataset_dir = Path(params["dataset_dir"]) if params and params["dataset_dir"] else current_dataset(settings)
         with RunLog.start(settings, run_name="retrain").recording() as run, fail_without_retry(DataValidationError):
             out_dir = settings.stage_dir(run.run_id, "validate")
-            summary = validate(settings, dataset_dir=current_dataset(settings), out_dir=out_dir, run=run)
+            summary = validate(settings, dataset_dir=dataset_dir, out_dir=out_dir, run=run)
         return {"run_id": run.run_id, "dataset": summary.model_dump(mode="json")}
 
     @task

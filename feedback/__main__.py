@@ -1,14 +1,21 @@
-"""`python -m feedback`: the feedback database (embedded server up/down) and what was exported."""
+"""`python -m feedback`: the feedback database (embedded server up/down), what was exported, and
+the service's API keys (`keys create|list|revoke`)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import sqlalchemy as sa
 import typer
 
 from config import get_settings
-from feedback import db, postgres
+from config.cli import exit_on
+from feedback import db, keys, postgres
 
 app = typer.Typer(add_completion=False, help=__doc__)
+keys_app = typer.Typer(add_completion=False, help="API keys for the service: create, list, revoke.")
+app.add_typer(keys_app, name="keys")
 
 
 @app.command()
@@ -45,6 +52,44 @@ def exports() -> None:
             f"export {row.id} at {row.created_at:%Y-%m-%d %H:%M} -> {row.dataset_dir}: "
             f"{row.num_samples} train samples from feedback ids {ids}"
         )
+
+
+@keys_app.command("create")
+def create_key(
+    name: Annotated[str, typer.Option(help="who holds it (unique)")],
+    role: Annotated[str, typer.Option(help=f"one of {', '.join(keys.ROLES)}")] = "client",
+    out: Annotated[
+        Path | None, typer.Option(help="keep the key in this file (mode 0600), never printed; a valid key there is kept")
+    ] = None,
+) -> None:
+    """Create a key; it is shown once, alone on the last line (or only written to --out)."""
+    engine = db.engine(get_settings())
+    if out is not None:
+        with exit_on(ValueError):
+            keys.key_in_file(engine, out, name=name, role=role)
+        typer.echo(f"key {name!r} ({role}) is in {out} (readable by its owner only)")
+        return
+    with exit_on(ValueError):
+        key = keys.create_key(engine, name=name, role=role)
+    typer.echo(f"key {name!r} ({role}); store it now, it is not shown again:")
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def list_keys() -> None:
+    """Every key's name, role and state (the keys themselves are not stored)."""
+    for row in keys.list_keys(db.engine(get_settings())):
+        state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+        typer.echo(f"{row.name:<24} {row.role:<8} created {row.created_at:%Y-%m-%d %H:%M}  {state}")
+
+
+@keys_app.command("revoke")
+def revoke_key(name: Annotated[str, typer.Argument(help="the key's name")]) -> None:
+    """Revoke a key: the service refuses it within seconds."""
+    if not keys.revoke_key(db.engine(get_settings()), name):
+        typer.echo(f"no active key named {name!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"key {name!r} revoked")
 
 
 if __name__ == "__main__":

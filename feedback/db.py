@@ -8,7 +8,6 @@ Rows are only ever inserted, and marked once a dataset version has consumed them
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -25,6 +24,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # never changes, these follow the newest schema (tests/code/test_feedback.py compares the two).
 # `duplicates` pairs them, and these tables with each other: that is what column lists look like.
 metadata = sa.MetaData()
+LABEL, SUGGESTION = "label", "suggestion"
 predictions = sa.Table(
     "predictions",
     metadata,
@@ -37,6 +37,8 @@ predictions = sa.Table(
     sa.Column("probability", sa.Float, nullable=False),
     sa.Column("image_sha256", sa.String(64), nullable=False),
     sa.Column("image_key", sa.Text, nullable=False),
+    sa.Column("image_width", sa.Integer),
+    sa.Column("image_height", sa.Integer),
 )
 dataset_exports = sa.Table(
     "dataset_exports",
@@ -58,8 +60,22 @@ feedback = sa.Table(
     sa.Column("corrected_label", sa.Text, nullable=False),
     sa.Column("user_id", sa.Text),
     sa.Column("export_id", sa.Integer, sa.ForeignKey("dataset_exports.id")),
+    sa.Column("kind", sa.Text, server_default="label", nullable=False),  # LABEL trains; SUGGESTION waits for a labeler
+    sa.Column("submitted_by", sa.Text),  # the API key's name
     # the hourly count of pending feedback reads this index, not the table
     sa.Index("ix_feedback_pending", "id", postgresql_where=sa.text("export_id IS NULL")),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("key_sha256", sa.String(64), nullable=False, unique=True),  # the key itself is never stored
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+    sa.Index("ux_api_keys_active_name", "name", unique=True, postgresql_where=sa.text("revoked_at IS NULL")),
 )
 
 
@@ -79,23 +95,14 @@ def database_url(settings: Settings) -> str:
 
 
 @cache
-def _engine(url: str) -> sa.Engine:
+def engine_for(url: str) -> sa.Engine:
     migrate(url)
     return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
 
 
 def engine(settings: Settings) -> sa.Engine:
     """A pooled engine on a migrated database, one per URL and process."""
-    return _engine(database_url(settings))
-
-
-@dataclass(frozen=True)
-class StoredPrediction:
-    id: str
-    model_version: str
-    label: str
-    image_sha256: str
-    image_key: str
+    return engine_for(database_url(settings))
 
 
 def record_prediction(db: sa.Engine, **columns: str | float) -> str:
@@ -106,10 +113,9 @@ def record_prediction(db: sa.Engine, **columns: str | float) -> str:
     return prediction_id
 
 
-def get_prediction(db: sa.Engine, prediction_id: str) -> StoredPrediction | None:
+def get_prediction(db: sa.Engine, prediction_id: str) -> sa.Row | None:
     with db.connect() as conn:
-        row = conn.execute(sa.select(predictions).where(predictions.c.id == prediction_id)).first()
-    return None if row is None else StoredPrediction(row.id, row.model_version, row.label, row.image_sha256, row.image_key)
+        return conn.execute(sa.select(predictions).where(predictions.c.id == prediction_id)).first()
 
 
 def record_feedback(db: sa.Engine, **columns: str | None) -> int:
@@ -118,15 +124,20 @@ def record_feedback(db: sa.Engine, **columns: str | None) -> int:
         return conn.execute(feedback.insert().values(**columns).returning(feedback.c.id)).scalar_one()
 
 
+# What the next dataset version takes: labels (not suggestions) no version has consumed yet.
+PENDING = sa.and_(feedback.c.export_id.is_(None), feedback.c.kind == LABEL)
+
+
 def pending_count(db: sa.Engine) -> int:
+    """Trainable rows waiting: what the ingest threshold counts (posts of suggestions do not)."""
     with db.connect() as conn:
-        return conn.execute(sa.select(sa.func.count()).select_from(feedback).where(feedback.c.export_id.is_(None))).scalar_one()
+        return conn.execute(sa.select(sa.func.count()).select_from(feedback).where(PENDING)).scalar_one()
 
 
 def pending_feedback(db: sa.Engine) -> list[sa.Row]:
-    """Feedback no dataset version has consumed yet, oldest first."""
+    """Labels no dataset version has consumed yet, oldest first."""
     with db.connect() as conn:
-        return list(conn.execute(sa.select(feedback).where(feedback.c.export_id.is_(None)).order_by(feedback.c.id)))
+        return list(conn.execute(sa.select(feedback).where(PENDING).order_by(feedback.c.id)))
 
 
 def mark_exported(db: sa.Engine, feedback_ids: list[int], dataset_dir: Path, num_samples: int) -> int:

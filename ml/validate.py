@@ -14,12 +14,12 @@ from great_expectations.expectations.row_conditions import Column
 from PIL import Image
 
 from config import Settings
+from config.cli import exit_on
 from ml import cli
 from ml.data import dataset_digest, manifest, read_classes
+from ml.data.ip102 import MAX_SIDE, MIN_SIDE
 from ml.results import ValidationSummary
 from ml.tracking import NO_RUN, RunLog
-
-MIN_SIDE, MAX_SIDE = 16, 10_000  # pixels: thumbnails and panoramas are both data errors
 
 
 class DataValidationError(RuntimeError):
@@ -111,11 +111,8 @@ def validate(settings: Settings, *, dataset_dir: Path, out_dir: Path, run: RunLo
 
 def main(out_dir: cli.OutDir, dataset_dir: cli.DatasetDir = None, run_id: cli.RunId = None) -> None:
     """Validate a dataset; exit 1 with the failed expectations when it breaks one."""
-    try:
+    with exit_on(DataValidationError):
         cli.run_stage(validate, run_id, dataset_dir, out_dir=out_dir)
-    except DataValidationError as error:
-        typer.echo(str(error), err=True)
-        raise typer.Exit(1) from error
 
 
 if __name__ == "__main__":

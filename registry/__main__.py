@@ -11,6 +11,7 @@ import typer
 from mlflow import MlflowClient
 
 from config import get_settings
+from config.cli import exit_on
 from ml.results import CompileResult, Evaluation, ValidationSummary
 from ml.tracking import RunLog, configure
 from registry import promote as promote_version
@@ -76,11 +77,8 @@ def rollback() -> None:
     """Give `champion` back to the version that held it before the current one."""
     settings = get_settings()
     configure(settings)
-    try:
+    with exit_on(LookupError):
         version = rollback_champion(settings.registered_model_name)
-    except LookupError as error:
-        typer.echo(str(error), err=True)
-        raise typer.Exit(1) from error
     typer.echo(f"{settings.registered_model_name} v{version} is champion again")
 
 

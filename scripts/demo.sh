@@ -27,11 +27,14 @@ trap cleanup EXIT
 
 step "1/6 retrain on the base dataset (airflow dags test retrain)"
 logged airflow-db airflow db migrate
-logged retrain-1 airflow dags test retrain
+base=$(python -c "from config import get_settings; print(get_settings().base_dataset_dir)")
+logged retrain-1 airflow dags test retrain -c "{\"dataset_dir\": \"$base\"}"   # the base, whatever an earlier demo published
 python -m registry list
 
-step "2/6 serve the champion (bentoml serve, port $port)"
+step "2/6 serve the champion (bentoml serve, 127.0.0.1:$port)"
 python -m feedback up
+key_file=$(python -c "from config import get_settings; print(get_settings().data_dir / 'keys' / 'demo-labeler.key')")
+python -m feedback keys create --name demo-labeler --role labeler --out "$key_file"
 bentoml serve bentos.service:InsectClassifier --port "$port" >"$logs/bento.log" 2>&1 &
 bento_pid=$!
 for _ in $(seq 180); do
@@ -42,7 +45,7 @@ done
 curl -sf "http://127.0.0.1:$port/readyz" >/dev/null
 
 step "3/6 users send photos and correct the answers"
-python scripts/feedback_round.py --url "http://127.0.0.1:$port"
+python scripts/feedback_round.py --url "http://127.0.0.1:$port" --key-file "$key_file"
 
 step "4/6 ingest the feedback into a new dataset version (airflow dags test ingest_feedback)"
 logged ingest airflow dags test ingest_feedback

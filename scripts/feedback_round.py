@@ -2,7 +2,9 @@
 (freshly drawn, never seen in training), ask /predict, and tell /feedback the right species
 for every answer (a correction where the model was wrong, a confirmation where it was right).
 
-    python scripts/feedback_round.py [--url http://127.0.0.1:3000] [--photos 12]
+    python scripts/feedback_round.py --key-file KEY [--url http://127.0.0.1:3000] [--photos 12]
+
+With a labeler's key the corrections train the next model; with a client's they are suggestions.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ml.data.synthetic import render, species_plan
 
 
 def main(
+    key_file: Annotated[Path, typer.Option(help="a file holding the API key the users send")],
     url: Annotated[str | None, typer.Option(help="service URL")] = None,
     photos: Annotated[int, typer.Option(help="how many photos the users send")] = 12,
     seed: Annotated[int, typer.Option(help="draws photos unlike the dataset's (seed 0)")] = 2026,
@@ -29,7 +32,8 @@ def main(
     num_classes = settings.synthetic.num_classes
     rng = np.random.default_rng(seed)
     corrected = 0
-    with bentoml.SyncHTTPClient(url, timeout=120) as client, tempfile.TemporaryDirectory() as tmp:
+    token = key_file.read_text().strip()
+    with bentoml.SyncHTTPClient(url, timeout=120, token=token) as client, tempfile.TemporaryDirectory() as tmp:
         classes = client.model()["classes"]
         for i in range(photos):
             truth = i % num_classes
@@ -43,7 +47,7 @@ def main(
             corrected += wrong
             typer.echo(
                 f"photo {i:2d}: model v{answer['model']['version']} ({answer['model']['backend']}) said "
-                f"{answer['species']!r} p={answer['probability']:.2f} -> feedback {receipt['feedback_id']} "
+                f"{answer['species']!r} p={answer['probability']:.2f} -> {receipt['kind']} {receipt['feedback_id']} "
                 f"{'CORRECTED to ' + repr(classes[truth]) if wrong else 'confirmed'}"
             )
     typer.echo(f"{photos} predictions, {corrected} corrected, {photos - corrected} confirmed")

@@ -79,7 +79,7 @@ class Stack(Layout):
         return [
             f"Airflow UI   {self.url('airflow')}   user {AIRFLOW_ADMIN}, password {self.secrets['airflow_admin_password']}",
             f"MLflow UI    {self.url('mlflow')}",
-            f"Bento API    {self.url('bento')}   (OpenAPI docs at /docs)",
+            f"Bento API    {self.url('bento')}   (OpenAPI docs at /docs; API keys in {self.keys}: client.key, labeler.key)",
             f"S3 API       {self.url('s3')}   keys in {self.dir / 'secrets.json'} (s3_access_key, s3_secret_key)",
             (
                 f"PostgreSQL   127.0.0.1:{self.settings.stack.postgres_port}   databases {', '.join(DATABASES)}, "

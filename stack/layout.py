@@ -22,6 +22,7 @@ class Layout:
         self.logs = self.dir / "logs"
         self.cluster = self.dir / "postgres"
         self.airflow_home = self.dir / "airflow"
+        self.keys = self.dir / "keys"  # the service's API keys, one file each (mode 0600)
         self.airflow_passwords = self.airflow_home / "passwords.json"  # the simple auth manager's admin login
         self.conf = self.dir / "supervisord.conf"
         self.socket = self.dir / "supervisor.sock"

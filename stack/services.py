@@ -263,7 +263,17 @@ def _bento(layout: Layout) -> Service:
         "bento",
         [str(BIN / "bentoml"), "serve", "bentos.service:InsectClassifier", "--port", str(port)],
         partial(_http_ok, f"{layout.url('bento')}/livez"),
+        before_start=partial(_create_api_keys, layout),
     )
+
+
+def _create_api_keys(layout: Layout) -> None:
+    """A client and a labeler key for the people trying the stack, in files only its owner reads."""
+    from feedback import db, keys
+
+    engine = db.engine_for(layout.database_url(postgres.DATABASE))
+    for role in ("client", "labeler"):
+        keys.key_in_file(engine, layout.keys / f"{role}.key", name=f"stack-{role}", role=role)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def photo_bytes(seed: int) -> bytes:
     return out.getvalue()
 
 
-def post_feedback(settings, data: bytes, label: str, predicted: str = "rice leaf roller") -> int:
+def post_feedback(settings, data: bytes, label: str, predicted: str = "rice leaf roller", kind: str = db.LABEL) -> int:
     """Store feedback the way the service does (image first, then the row); returns its id."""
     sha = hashlib.sha256(data).hexdigest()
     key = image_key(settings.feedback.s3_prefix, sha, ".png")
@@ -75,4 +75,5 @@ def post_feedback(settings, data: bytes, label: str, predicted: str = "rice leaf
         corrected_label=label,
         user_id="tester",
         prediction_id=None,
+        kind=kind,
     )

@@ -8,16 +8,23 @@ from typing import Annotated
 import typer
 
 from config import get_settings
+from config.cli import exit_on
 from ml.data.synthetic import generate_synthetic
 
 app = typer.Typer(add_completion=False)
 
 
 @app.command()
-def generate(out: Annotated[Path | None, typer.Option(help="dataset root (default: the configured dataset dir)")] = None) -> None:
+def generate(
+    out: Annotated[
+        Path | None, typer.Option(help="an empty or earlier generated directory (default: data/datasets/synthetic)")
+    ] = None,
+) -> None:
+    """Draw the synthetic dataset; a directory holding anything else (IP102) is never touched."""
     settings = get_settings()
-    root = generate_synthetic(out or settings.base_dataset_dir, settings.synthetic)
-    typer.echo(f"synthetic dataset written to {root}")
+    with exit_on(FileExistsError):
+        root = generate_synthetic(out or settings.synthetic_dataset_dir, settings.synthetic)
+    typer.echo(f"synthetic dataset in {root}")
 
 
 @app.callback()

@@ -8,6 +8,7 @@ a small model has something real to learn and accuracy means something.
 from __future__ import annotations
 
 import colorsys
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,16 +155,40 @@ def render(species: BodyPlan, size: int, rng: np.random.Generator) -> Image.Imag
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
+MARKER = ".synthetic.json"  # the generator's signature in a directory it wrote: its settings
+
+
 def generate_synthetic(out_dir: Path, cfg: SyntheticDataConfig) -> Path:
     """Write `images/`, `train.txt`/`val.txt`/`test.txt` and `classes.txt` under `out_dir`.
 
-    Args:
-        out_dir: dataset root; created if missing, existing files are overwritten.
-        cfg: number of classes, images per class, image size and seed.
+    `out_dir` must be missing, empty, or written by this generator: anything else (a real IP102
+    checkout) is refused untouched. With the same settings as last time nothing is rewritten;
+    with others the dataset is drawn beside it and swapped in, so a dataset version that
+    hard-links the old images keeps them.
 
     Returns:
         `out_dir`, for chaining.
     """
+    signature = cfg.model_dump_json()
+    if (out_dir / MARKER).is_file() and (out_dir / MARKER).read_text() == signature:
+        return out_dir
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
+        raise FileExistsError(f"{out_dir} holds files the generator did not write (a real dataset?); it is left alone")
+    drawing = out_dir.with_name(out_dir.name + ".drawing")
+    shutil.rmtree(drawing, ignore_errors=True)
+    _draw(drawing, cfg)
+    (drawing / MARKER).write_text(signature)
+    if out_dir.exists():
+        retired = out_dir.with_name(out_dir.name + ".retired")
+        out_dir.rename(retired)
+        drawing.rename(out_dir)
+        shutil.rmtree(retired)
+    else:
+        drawing.rename(out_dir)
+    return out_dir
+
+
+def _draw(out_dir: Path, cfg: SyntheticDataConfig) -> None:
     names = IP102_CLASSES_FILE.read_text().splitlines()
     if not 1 <= cfg.num_classes <= len(names):
         raise ValueError(f"num_classes must be within 1..{len(names)}, got {cfg.num_classes}")
@@ -188,4 +213,3 @@ def generate_synthetic(out_dir: Path, cfg: SyntheticDataConfig) -> Path:
         (out_dir / f"{split}.txt").write_text("\n".join(rows) + "\n")
     # IP102's own classes.txt numbers its species from 1; the loader reads both forms.
     (out_dir / "classes.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(names[: cfg.num_classes])))
-    return out_dir

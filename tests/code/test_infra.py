@@ -113,7 +113,11 @@ def test_deployments_set_what_make_up_sets(tmp_path, monkeypatch):
 def test_published_ports_are_the_configured_ones(service, port):
     settings = Settings()
     expected = settings.serve.port if port is None else getattr(settings.stack, port)
-    assert f"{expected}:{expected}" in COMPOSE["services"][service]["ports"]
+    assert any(published.endswith(f"{expected}:{expected}") for published in COMPOSE["services"][service]["ports"])
+
+
+def test_compose_publishes_the_bento_on_the_hosts_loopback_only():
+    assert COMPOSE["services"]["bento"]["ports"] == ["127.0.0.1:3000:3000"]
 
 
 def test_kubernetes_serves_on_the_configured_ports_with_the_helm_chart_on_kubernetes_executor():

@@ -1,11 +1,16 @@
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from config import REPO_ROOT, SyntheticDataConfig
 from ml.data import SPLITS, IP102Dataset, all_captions, dataset_digest, manifest, read_classes, read_split
-from ml.data.synthetic import species_plan
+from ml.data.synthetic import MARKER, generate_synthetic, species_plan
+from tests.support import TINY_ENV
 
 
 def test_generator_writes_ip102_layout(tiny_dataset):
@@ -64,3 +69,42 @@ def test_digest_changes_with_content(tiny_dataset):
 def test_captions_name_the_species():
     captions = all_captions(["Rice Stemfly"])
     assert captions and all("rice stemfly" in c for c in captions)
+
+
+def _contents(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def ip102_checkout(tiny_dataset, tmp_path) -> Path:
+    """A dataset in the IP102 layout the generator did not write (a real checkout, for all it knows)."""
+    root = tmp_path / "ip102"
+    shutil.copytree(tiny_dataset, root, ignore=shutil.ignore_patterns(MARKER))
+    return root
+
+
+def test_the_generator_refuses_a_directory_it_did_not_write_and_leaves_it_alone(ip102_checkout):
+    before = _contents(ip102_checkout)
+    with pytest.raises(FileExistsError, match="did not write"):
+        generate_synthetic(ip102_checkout, SyntheticDataConfig(num_classes=4, images_per_class=5))
+    assert _contents(ip102_checkout) == before
+
+
+def test_make_data_leaves_a_configured_ip102_checkout_byte_for_byte_unchanged(ip102_checkout, tmp_path):
+    before = _contents(ip102_checkout)
+    env = {**os.environ, **TINY_ENV, "INSECT_DATA_DIR": str(tmp_path / "data"), "INSECT_DATASET_DIR": str(ip102_checkout)}
+    made = subprocess.run(["make", "data"], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert _contents(ip102_checkout) == before
+    assert (tmp_path / "data" / "datasets" / "synthetic" / "classes.txt").is_file()  # it drew into its own directory
+
+
+def test_regenerating_redraws_beside_so_hard_linked_versions_keep_their_images(tmp_path):
+    root = generate_synthetic(tmp_path / "synthetic", SyntheticDataConfig(num_classes=4, images_per_class=5))
+    image = root / "images" / "000_0000.jpg"
+    os.link(image, tmp_path / "published.jpg")  # what a dataset version does
+    published, drawn_at = image.read_bytes(), image.stat().st_mtime_ns
+    generate_synthetic(root, SyntheticDataConfig(num_classes=4, images_per_class=5))
+    assert image.stat().st_mtime_ns == drawn_at  # the same settings: nothing rewritten
+    generate_synthetic(root, SyntheticDataConfig(num_classes=4, images_per_class=5, seed=1))
+    assert image.read_bytes() != published and (tmp_path / "published.jpg").read_bytes() == published

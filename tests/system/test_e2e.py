@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -58,9 +59,11 @@ def test_ingest_dag_publishes_a_dataset_version_and_an_asset_event(live_settings
 
 
 @pytest.mark.slow
-def test_retrain_dag_registers_a_champion(settings, tmp_path):
+def test_retrain_dag_registers_a_champion_trained_on_the_dataset_the_run_names(settings, tmp_path):
+    shutil.copytree(settings.base_dataset_dir, settings.dataset_versions_dir / "v0001")  # newer than the base
     env = _airflow_env(settings, tmp_path)
-    result = _airflow(["dags", "test", "retrain"], env)
+    conf = json.dumps({"dataset_dir": str(settings.base_dataset_dir)})  # as make demo's first retrain names it
+    result = _airflow(["dags", "test", "retrain", "-c", conf], env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
     mlflow.set_tracking_uri(settings.tracking_uri)
@@ -69,5 +72,6 @@ def test_retrain_dag_registers_a_champion(settings, tmp_path):
     metrics = mlflow.get_run(champion.run_id).data.metrics
     assert {"top1", "top5", "macro_f1", "tvm_max_abs_diff"} <= set(metrics)
     assert {"sha256.exported", "sha256.tvm_llvm_b1", "dataset_digest"} <= set(champion.tags)
+    assert champion.tags["dataset_dir"] == str(settings.base_dataset_dir)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{settings.registered_model_name}/{champion.version}"))
     assert {"model.pt2", "model_llvm_b1.so"} <= {p.name for p in (local / "artifacts").iterdir()}

@@ -1,27 +1,35 @@
 """The Bento HTTP server, started for real (`bentoml serve`), on a real PostgreSQL and S3 API."""
 
 import asyncio
+import http.server
 import io
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import boto3
 import httpx
+import psutil
 import pytest
 import sqlalchemy as sa
 from PIL import Image
 
+from bentos import guards
 from config import REPO_ROOT, get_settings
+from feedback import db, keys
 from feedback.db import feedback as feedback_table
 from ml.data import read_classes, read_split
 from registry import promote
 from tests.support import TINY_ENV, free_port, register_tiny_model
+from tests.system.hostile_uploads import EXPECTED, hostile_uploads
 
 BUCKET = "insect-feedback-test"
 MAX_IMAGE_BYTES = 100_000
+CLIENT_RATE = 60  # requests per minute and client key
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +47,9 @@ def server(tmp_path_factory, tiny_dataset, postgres_url, s3_endpoint):
         "INSECT_FEEDBACK__MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
         "INSECT_SERVE__RELOAD_INTERVAL_S": "1",
         "INSECT_SERVE__PORT": str(port),
+        "INSECT_SERVE__RATE_LIMITS": json.dumps(
+            {"client": f"{CLIENT_RATE}/minute", "labeler": "100000/minute", "admin": "100000/minute"}
+        ),
     }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
@@ -46,6 +57,11 @@ def server(tmp_path_factory, tiny_dataset, postgres_url, s3_endpoint):
         get_settings.cache_clear()
         classes = read_classes(tiny_dataset)
         register_tiny_model(classes, seed=0)
+        suffix = os.urandom(4).hex()
+        bearer = {
+            role: {"Authorization": f"Bearer {keys.create_key(db.engine(get_settings()), name=f'{role}-{suffix}', role=role)}"}
+            for role in keys.ROLES
+        }
         with open(data_dir / "bento.log", "w") as log:
             process = subprocess.Popen(
                 [str(Path(sys.executable).with_name("bentoml")), "serve", "bentos.service:InsectClassifier", "--port", str(port)],
@@ -57,7 +73,7 @@ def server(tmp_path_factory, tiny_dataset, postgres_url, s3_endpoint):
         base = f"http://127.0.0.1:{port}"
         try:
             _wait_ready(base, process, data_dir / "bento.log")
-            yield {"base": base, "classes": classes, "dataset": tiny_dataset}
+            yield {"base": base, "classes": classes, "dataset": tiny_dataset, "pid": process.pid, "suffix": suffix, **bearer}
         finally:
             process.terminate()
             process.wait(30)
@@ -93,6 +109,7 @@ def test_predict_returns_a_known_species(server):
         f"{server['base']}/predict",
         files={"image": ("bug.jpg", _jpeg(server["dataset"]), "image/jpeg")},
         data={"top_k": "2"},
+        headers=server["client"],
         timeout=30,
     )
     assert response.status_code == 200, response.text
@@ -109,6 +126,7 @@ def test_feedback_lands_as_a_row_and_an_object(server):
         f"{server['base']}/feedback",
         files={"image": ("bug.jpg", image, "image/jpeg")},
         data={"predicted_label": server["classes"][0], "corrected_label": server["classes"][1], "user_id": "ann"},
+        headers=server["labeler"],
         timeout=30,
     )
     assert response.status_code == 200, response.text
@@ -121,11 +139,15 @@ def test_feedback_lands_as_a_row_and_an_object(server):
 
 def test_feedback_on_an_earlier_prediction(server):
     predicted = httpx.post(
-        f"{server['base']}/predict", files={"image": ("bug.jpg", _jpeg(server["dataset"], 2), "image/jpeg")}, timeout=30
+        f"{server['base']}/predict",
+        files={"image": ("bug.jpg", _jpeg(server["dataset"], 2), "image/jpeg")},
+        headers=server["client"],
+        timeout=30,
     ).json()
     response = httpx.post(
         f"{server['base']}/feedback",
         data={"prediction_id": predicted["prediction_id"], "corrected_label": server["classes"][2]},
+        headers=server["labeler"],
         timeout=30,
     )
     assert response.status_code == 200, response.text
@@ -137,7 +159,8 @@ def test_200_concurrent_feedback_posts_land_exactly_once(server):
     labels = server["classes"]
 
     async def post_all() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=server["base"], timeout=120, limits=httpx.Limits(max_connections=200)) as client:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=server["base"], timeout=120, limits=limits, headers=server["labeler"]) as client:
             return await asyncio.gather(
                 *(
                     client.post(
@@ -198,7 +221,7 @@ def test_bad_input_gets_a_4xx_with_a_message_and_stores_nothing(server, case):
     route, files, data, status = BAD_REQUESTS[case]
     data = {k: v.format(server["classes"][0]) for k, v in data.items()}
     before = _feedback_rows(sa.true())
-    response = httpx.post(f"{server['base']}{route}", files=files, data=data, timeout=30)
+    response = httpx.post(f"{server['base']}{route}", files=files, data=data, headers=server["labeler"], timeout=30)
     assert response.status_code == status, response.text
     assert response.text.strip() and "Traceback" not in response.text
     assert _feedback_rows(sa.true()) == before
@@ -215,11 +238,14 @@ def test_a_promoted_version_is_served_without_restart(server):
     version = register_tiny_model(server["classes"], seed=1, champion=False)
     promote(get_settings().registered_model_name, version)
     deadline = time.monotonic() + 60
-    while httpx.post(f"{server['base']}/model").json()["version"] != version:
+    while httpx.post(f"{server['base']}/model", headers=server["client"]).json()["version"] != version:
         assert time.monotonic() < deadline, "the service did not pick up the new champion"
         time.sleep(0.5)
     predicted = httpx.post(
-        f"{server['base']}/predict", files={"image": ("bug.jpg", _jpeg(server["dataset"]), "image/jpeg")}, timeout=30
+        f"{server['base']}/predict",
+        files={"image": ("bug.jpg", _jpeg(server["dataset"]), "image/jpeg")},
+        headers=server["client"],
+        timeout=30,
     ).json()
     assert predicted["model"]["version"] == version
 
@@ -231,3 +257,173 @@ def test_a_storage_outage_is_a_503_not_a_500():
 
     with pytest.raises(ServiceUnavailable, match="retry later"), storage_unavailable_as_503():
         raise sa.exc.OperationalError("INSERT", {}, Exception("connection refused"))
+
+
+def _stored() -> tuple[int, int]:
+    """Feedback and prediction rows: a refused request adds to neither."""
+    engine = sa.create_engine(get_settings().feedback.database_url)
+    with engine.connect() as conn:
+        return tuple(
+            conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() for t in (feedback_table, db.predictions)
+        )
+
+
+def _photo_post(server, route: str = "/predict", **kwargs) -> httpx.Response:
+    files = {"image": ("bug.jpg", _jpeg(server["dataset"]), "image/jpeg")}
+    data = {"predicted_label": server["classes"][0], "corrected_label": server["classes"][1]} if route == "/feedback" else {}
+    return httpx.post(f"{server['base']}{route}", files=files, data=data, timeout=30, **kwargs)
+
+
+@pytest.mark.parametrize("route", ["/predict", "/feedback", "/model"])
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({}, "send an API key"),
+        ({"Authorization": "Bearer insect_made-up"}, "unknown or revoked"),
+        ({"X-API-Key": "x"}, "unknown"),
+    ],
+    ids=["no key", "wrong bearer", "wrong x-api-key"],
+)
+def test_without_a_known_key_every_route_is_a_401_and_stores_nothing(server, route, headers, message):
+    before = _stored()
+    response = _photo_post(server, route, headers=headers)
+    assert response.status_code == 401 and message in response.json()["error"]
+    assert _stored() == before
+
+
+def test_a_key_works_as_x_api_key_too_and_health_and_docs_need_none(server):
+    key = server["client"]["Authorization"].removeprefix("Bearer ")
+    assert _photo_post(server, headers={"X-API-Key": key}).status_code == 200
+    for path in ("/livez", "/readyz", "/docs.json", "/schema.json", "/metrics"):
+        assert httpx.get(f"{server['base']}{path}", timeout=10).status_code == 200, path
+
+
+def test_classify_is_not_a_public_route(server):
+    response = httpx.post(f"{server['base']}/classify", json={"images": [[[[0.0]]]]}, headers=server["admin"], timeout=10)
+    assert response.status_code == 404 and "no route" in response.json()["error"]
+
+
+def test_a_clients_correction_is_a_suggestion_and_a_labelers_trains(server):
+    receipts = {role: _photo_post(server, "/feedback", headers=server[role]).json() for role in ("client", "labeler")}
+    assert receipts["client"]["kind"] == "suggestion" and receipts["labeler"]["kind"] == "label"
+    pending = {row.id for row in db.pending_feedback(db.engine(get_settings()))}
+    assert receipts["labeler"]["feedback_id"] in pending and receipts["client"]["feedback_id"] not in pending
+    assert _feedback_rows(feedback_table.c.submitted_by == f"client-{server['suffix']}") >= 1
+
+
+def test_a_revoked_key_is_refused_within_seconds(server):
+    engine = db.engine(get_settings())
+    name = f"short-lived-{server['suffix']}"
+    headers = {"Authorization": f"Bearer {keys.create_key(engine, name=name, role='client')}"}
+    assert _photo_post(server, headers=headers).status_code == 200
+    assert keys.revoke_key(engine, name)
+    time.sleep(guards.KEY_CACHE_S + 1)
+    assert _photo_post(server, headers=headers).status_code == 401
+
+
+def _server_rss(pid: int) -> int:
+    process = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+
+
+def test_a_50_mb_body_is_refused_before_it_is_read(server):
+    before_rows, before_rss = _stored(), _server_rss(server["pid"])
+    declared = httpx.post(f"{server['base']}/predict", content=b"x" * 50_000_000, headers=server["client"], timeout=60)
+    assert declared.status_code == 413 and "over the limit" in declared.json()["error"]
+
+    def chunks():  # no Content-Length: the limit acts while the body streams in
+        for _ in range(50):
+            yield b"\0" * 1_000_000
+
+    try:
+        streamed = httpx.post(f"{server['base']}/predict", content=chunks(), headers=server["client"], timeout=60)
+        assert streamed.status_code == 413
+    except httpx.WriteError:
+        pass  # the server answered and closed while the client was still sending: refused all the same
+    assert _stored() == before_rows
+    assert _server_rss(server["pid"]) - before_rss < 20_000_000  # 50 MB never taken in
+
+
+def test_a_text_value_where_the_image_belongs_is_a_400_and_is_never_fetched(server):
+    fetched = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            fetched.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+    listener = http.server.HTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=listener.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.server_port}/bug.jpg"
+    try:
+        for route, headers in (("/predict", server["client"]), ("/feedback", server["labeler"])):
+            fields = {"image": url, "predicted_label": server["classes"][0], "corrected_label": server["classes"][0]}
+            multipart, form, body = {"data": fields, "files": {"top_k": (None, "1")}}, {"data": fields}, {"json": fields}
+            for encoding in (multipart, form, body):
+                response = httpx.post(f"{server['base']}{route}", headers=headers, timeout=30, **encoding)
+                assert response.status_code == 400 and "must be an uploaded file" in response.json()["error"], response.text
+    finally:
+        listener.shutdown()
+    assert fetched == []
+
+
+def test_the_service_listens_on_loopback_only(server):
+    port = int(server["base"].rsplit(":", 1)[1])
+    tree = psutil.Process(server["pid"])
+    sockets = [c for p in [tree, *tree.children(recursive=True)] for c in p.net_connections("tcp") if c.status == "LISTEN"]
+    assert {c.laddr.ip for c in sockets if c.laddr.port == port} == {"127.0.0.1"}
+
+
+HOSTILE = hostile_uploads()
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=list(HOSTILE))
+def test_hostile_uploads_get_a_2xx_or_a_4xx_with_a_message_never_a_5xx(server, case):
+    name, data, content_type = HOSTILE[case]
+    labels = {"predicted_label": server["classes"][0], "corrected_label": server["classes"][1]}
+    for route, headers, fields, expected in (
+        ("/predict", server["client"], {}, EXPECTED[case][0]),
+        ("/feedback", server["labeler"], labels, EXPECTED[case][1]),
+    ):
+        before = _stored()
+        response = httpx.post(
+            f"{server['base']}{route}", files={"image": (name, data, content_type)}, data=fields, headers=headers, timeout=60
+        )
+        assert response.status_code == expected, f"{route}: {response.status_code} {response.text}"
+        if expected >= 400:
+            assert response.text.strip() and "Traceback" not in response.text and _stored() == before
+
+
+def test_feedback_on_a_prediction_of_an_untrainable_size_is_a_422(server):
+    name, data, content_type = HOSTILE["huge aspect"]
+    predicted = httpx.post(
+        f"{server['base']}/predict", files={"image": (name, data, content_type)}, headers=server["client"], timeout=60
+    ).json()
+    before = _stored()
+    response = httpx.post(
+        f"{server['base']}/feedback",
+        data={"prediction_id": predicted["prediction_id"], "corrected_label": server["classes"][0]},
+        headers=server["labeler"],
+        timeout=30,
+    )
+    assert response.status_code == 422 and "12000x2 px" in response.text
+    assert _stored() == before
+
+
+def test_a_key_over_its_rate_limit_gets_429_with_retry_after(server):
+    engine = db.engine(get_settings())
+    key = keys.create_key(engine, name=f"eager-{server['suffix']}", role="client")
+    headers = {"Authorization": f"Bearer {key}"}
+    answers = [httpx.post(f"{server['base']}/model", headers=headers, timeout=30) for _ in range(CLIENT_RATE + 1)]
+    assert [a.status_code for a in answers] == [200] * CLIENT_RATE + [429]
+    assert 1 <= int(answers[-1].headers["retry-after"]) <= 60 and "over its limit" in answers[-1].json()["error"]
+    assert httpx.post(f"{server['base']}/model", headers=server["labeler"], timeout=30).status_code == 200  # per key
+
+
+def test_bentomls_own_client_calls_with_a_token(server):
+    import bentoml
+
+    key = server["client"]["Authorization"].removeprefix("Bearer ")
+    with bentoml.SyncHTTPClient(server["base"], token=key, timeout=30) as client:
+        assert client.model()["classes"] == server["classes"]

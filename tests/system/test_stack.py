@@ -104,9 +104,10 @@ def dag_runs(stack: Stack, dag_id: str) -> list[dict]:
     return runs
 
 
-def served_version(bento_url: str) -> str | None:
+def served_version(stack: Stack) -> str | None:
+    client_key = (stack.keys / "client.key").read_text().strip()
     try:
-        response = httpx.post(f"{bento_url}/model", timeout=30)
+        response = httpx.post(f"{stack.url('bento')}/model", headers={"Authorization": f"Bearer {client_key}"}, timeout=30)
     except httpx.HTTPError:
         return None
     return response.json()["version"] if response.status_code == 200 else None
@@ -154,10 +155,20 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
         sum(p.memory_info().rss for p in stack_processes(env["INSECT_DATA_DIR"])) / 2**20
     )
 
-    eventually(lambda: served_version(bento) == "1", 900, "the first model, served", stack.dir)
+    assert httpx.post(f"{bento}/model", timeout=30).status_code == 401  # no key, no answer
+    eventually(lambda: served_version(stack) == "1", 900, "the first model, served", stack.dir)
     loop_started = time.monotonic()
     feedback_round = subprocess.run(
-        [sys.executable, "scripts/feedback_round.py", "--url", bento, "--photos", "4"],
+        [
+            sys.executable,
+            "scripts/feedback_round.py",
+            "--url",
+            bento,
+            "--photos",
+            "4",
+            "--key-file",
+            str(stack.keys / "labeler.key"),
+        ],
         env=env,
         cwd=REPO_ROOT,
         capture_output=True,
@@ -193,7 +204,7 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
 
     target = "1" if client.get_model_version_by_alias(name, "champion").version == "2" else "2"
     client.set_registered_model_alias(name, "champion", target)  # what the MLflow UI does, over REST
-    eventually(lambda: served_version(bento) == target, 120, f"v{target} served after its promotion", stack.dir)
+    eventually(lambda: served_version(stack) == target, 120, f"v{target} served after its promotion", stack.dir)
     see_the_uis(browser, stack, name)
 
     make("down", env)
