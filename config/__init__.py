@@ -89,7 +89,9 @@ class FeedbackConfig(Section):
     s3_endpoint_url: str | None = None  # MinIO, moto, ... ; unset means AWS
     s3_prefix: str = "feedback"
     max_image_bytes: int = 5 * 1024 * 1024
-    min_new_samples: int = 5  # the ingest DAG publishes a dataset version from this many
+    min_new_samples: int = 5  # the ingest DAG publishes a dataset version from this many trainable rows
+    # clients' suggestions train once this many distinct keys agree on an image's species (unset: only a labeler's do)
+    client_agreement: int | None = None
     ingest_schedule: str = "@hourly"  # the ingest DAG's schedule (cron or preset)
 
 

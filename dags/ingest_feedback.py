@@ -25,9 +25,13 @@ def ingest_feedback():
     @task.short_circuit
     def enough_feedback() -> bool:
         from feedback import db
+        from feedback.export import finish_interrupted_publish
 
         settings = get_settings()
-        pending = db.pending_count(db.engine(settings))  # counted in SQL: the hourly check loads no rows
+        finish_interrupted_publish(settings)  # a version a killed run recorded but did not move into place
+        pending = db.pending_count(
+            db.engine(settings), settings.feedback.client_agreement
+        )  # counted in SQL: the hourly check loads no rows
         print(f"{pending} feedback rows pending; a new version needs {settings.feedback.min_new_samples}")
         return pending >= settings.feedback.min_new_samples
 

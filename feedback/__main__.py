@@ -54,6 +54,16 @@ def exports() -> None:
         )
 
 
+@app.command()
+def quarantined() -> None:
+    """Feedback an ingest refused, with why (it never trains; correct it and send it again)."""
+    rows = db.quarantined(db.engine(get_settings()))
+    if not rows:
+        typer.echo("no feedback is quarantined")
+    for row in rows:
+        typer.echo(f"feedback {row.id} ({row.corrected_label!r}, from {row.submitted_by or '-'}): {row.quarantine_reason}")
+
+
 @keys_app.command("create")
 def create_key(
     name: Annotated[str, typer.Option(help="who holds it (unique)")],

@@ -62,6 +62,7 @@ feedback = sa.Table(
     sa.Column("export_id", sa.Integer, sa.ForeignKey("dataset_exports.id")),
     sa.Column("kind", sa.Text, server_default="label", nullable=False),  # LABEL trains; SUGGESTION waits for a labeler
     sa.Column("submitted_by", sa.Text),  # the API key's name
+    sa.Column("quarantine_reason", sa.Text),  # why an ingest refused it; it waits for nobody then
     # the hourly count of pending feedback reads this index, not the table
     sa.Index("ix_feedback_pending", "id", postgresql_where=sa.text("export_id IS NULL")),
 )
@@ -124,20 +125,48 @@ def record_feedback(db: sa.Engine, **columns: str | None) -> int:
         return conn.execute(feedback.insert().values(**columns).returning(feedback.c.id)).scalar_one()
 
 
-# What the next dataset version takes: labels (not suggestions) no version has consumed yet.
-PENDING = sa.and_(feedback.c.export_id.is_(None), feedback.c.kind == LABEL)
+def _pending(agreement: int | None) -> sa.ColumnElement[bool]:
+    """What the next dataset version takes: unconsumed, unquarantined labels, and with
+    `agreement`, suggestions that many distinct keys made alike (same image, same species)."""
+    trainable = feedback.c.kind == LABEL
+    if agreement:
+        agreed = (
+            sa.select(feedback.c.image_sha256, feedback.c.corrected_label)
+            .where(feedback.c.kind == SUGGESTION, feedback.c.export_id.is_(None))
+            .group_by(feedback.c.image_sha256, feedback.c.corrected_label)
+            .having(sa.func.count(sa.distinct(feedback.c.submitted_by)) >= agreement)
+        )
+        trainable = sa.or_(trainable, sa.tuple_(feedback.c.image_sha256, feedback.c.corrected_label).in_(agreed))
+    return sa.and_(feedback.c.export_id.is_(None), feedback.c.quarantine_reason.is_(None), trainable)
 
 
-def pending_count(db: sa.Engine) -> int:
-    """Trainable rows waiting: what the ingest threshold counts (posts of suggestions do not)."""
+def pending_count(db: sa.Engine, agreement: int | None = None) -> int:
+    """Trainable rows waiting: what the ingest threshold counts (a lone suggestion does not)."""
     with db.connect() as conn:
-        return conn.execute(sa.select(sa.func.count()).select_from(feedback).where(PENDING)).scalar_one()
+        return conn.execute(sa.select(sa.func.count()).select_from(feedback).where(_pending(agreement))).scalar_one()
 
 
-def pending_feedback(db: sa.Engine) -> list[sa.Row]:
-    """Labels no dataset version has consumed yet, oldest first."""
+def pending_feedback(db: sa.Engine, agreement: int | None = None) -> list[sa.Row]:
+    """Trainable rows no dataset version has consumed yet, oldest first."""
     with db.connect() as conn:
-        return list(conn.execute(sa.select(feedback).where(PENDING).order_by(feedback.c.id)))
+        return list(conn.execute(sa.select(feedback).where(_pending(agreement)).order_by(feedback.c.id)))
+
+
+def quarantine(db: sa.Engine, reasons: dict[int, str]) -> None:
+    """Take these rows out of the pending ones, each with why."""
+    with db.begin() as conn:
+        for feedback_id, reason in reasons.items():
+            conn.execute(feedback.update().where(feedback.c.id == feedback_id).values(quarantine_reason=reason))
+
+
+def quarantined(db: sa.Engine) -> list[sa.Row]:
+    with db.connect() as conn:
+        return list(conn.execute(sa.select(feedback).where(feedback.c.quarantine_reason.is_not(None)).order_by(feedback.c.id)))
+
+
+def exports(db: sa.Engine) -> list[sa.Row]:
+    with db.connect() as conn:
+        return list(conn.execute(sa.select(dataset_exports).order_by(dataset_exports.c.id)))
 
 
 def mark_exported(db: sa.Engine, feedback_ids: list[int], dataset_dir: Path, num_samples: int) -> int:

@@ -1,6 +1,9 @@
 """Feedback -> a new dataset version, in two steps so a version that fails validation is never
-published: `stage` writes it next to the published ones, `publish` renames it into place and
-marks the feedback it consumed, in one database transaction."""
+published: `stage` screens each pending row (a bad one is quarantined with its reason, the rest go
+on) and writes the version next to the published ones; `publish` records the version and marks
+the feedback it consumed in one database transaction, then moves it into place. A run killed
+between the two leaves a recorded version still staged: the next run moves it in
+(`finish_interrupted_publish`), so no version is published twice and no row consumed twice."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from pathlib import Path
 from config import Settings
 from feedback import db
 from feedback.images import image_store
+from feedback.screening import held_out_hashes, rejection
+from ml.data import read_classes
 from ml.data.versions import STAGING_SUFFIX, Sample, VersionSummary, build_version, current_dataset, next_version
 
 log = logging.getLogger(__name__)
@@ -36,11 +41,22 @@ class StagedVersion:
 
 
 def stage(settings: Settings) -> StagedVersion:
-    """Build the next dataset version from the current one plus all unconsumed feedback."""
-    rows = db.pending_feedback(db.engine(settings))
-    store = image_store(settings)
-    samples = [Sample(row.image_sha256, row.corrected_label, store.get(row.image_key), f"feedback:{row.id}") for row in rows]
-    parent = current_dataset(settings)
+    """Build the next dataset version from the current one plus the pending feedback that passes
+    screening; quarantine the rest."""
+    finish_interrupted_publish(settings)
+    engine, store, parent = db.engine(settings), image_store(settings), current_dataset(settings)
+    classes, held_out = read_classes(parent), held_out_hashes(parent)
+    samples, accepted, refused = [], [], {}
+    for row in db.pending_feedback(engine, settings.feedback.client_agreement):
+        data = store.get(row.image_key)
+        if reason := rejection(data, row.corrected_label, classes, held_out):
+            refused[row.id] = reason
+        else:
+            samples.append(Sample(row.image_sha256, row.corrected_label, data, f"feedback:{row.id}"))
+            accepted.append(row.id)
+    db.quarantine(engine, refused)
+    for feedback_id, reason in refused.items():
+        log.warning("feedback %d quarantined: %s", feedback_id, reason)
     target = next_version(settings.dataset_versions_dir)
     staging = target.with_name(target.name + STAGING_SUFFIX)
     summary = build_version(parent, samples, staging)
@@ -53,12 +69,27 @@ def stage(settings: Settings) -> StagedVersion:
         len(summary.skipped),
         summary.skipped,
     )
-    return StagedVersion(staging, target, parent, [row.id for row in rows], summary)
+    return StagedVersion(staging, target, parent, accepted, summary)
 
 
 def publish(settings: Settings, staging_dir: Path, target_dir: Path, feedback_ids: list[int], num_samples: int) -> int:
-    """Make the staged version current and mark its feedback consumed; returns the export id."""
+    """Record the staged version and mark its feedback consumed (one transaction), then move it
+    into place; returns the export id."""
     if target_dir.exists():
         raise FileExistsError(f"{target_dir} was published by another run; stage again")
+    export_id = db.mark_exported(db.engine(settings), feedback_ids, target_dir, num_samples)
     staging_dir.rename(target_dir)
-    return db.mark_exported(db.engine(settings), feedback_ids, target_dir, num_samples)
+    return export_id
+
+
+def finish_interrupted_publish(settings: Settings) -> list[Path]:
+    """Move recorded versions that are still staged (their run was killed) into place."""
+    finished = []
+    for export in db.exports(db.engine(settings)):
+        target = Path(export.dataset_dir)
+        staging = target.with_name(target.name + STAGING_SUFFIX)
+        if not target.exists() and staging.is_dir():
+            staging.rename(target)
+            log.warning("finished publishing %s (its run stopped after recording it)", target)
+            finished.append(target)
+    return finished

@@ -18,7 +18,7 @@ class ImageStore(Protocol):
 
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
 
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str) -> bytes | None: ...  # None: no such image (an outage raises)
 
 
 class S3ImageStore:
@@ -40,8 +40,15 @@ class S3ImageStore:
     def put(self, key: str, data: bytes, content_type: str) -> None:
         self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
 
-    def get(self, key: str) -> bytes:
-        return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+    def get(self, key: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
 
 
 class LocalImageStore:
@@ -56,8 +63,9 @@ class LocalImageStore:
         partial.write_bytes(data)
         partial.replace(path)  # atomic: a crash never leaves a truncated image under the key
 
-    def get(self, key: str) -> bytes:
-        return (self.root / key).read_bytes()
+    def get(self, key: str) -> bytes | None:
+        path = self.root / key
+        return path.read_bytes() if path.is_file() else None
 
 
 def image_store(settings: Settings) -> ImageStore:

@@ -62,7 +62,9 @@ def photo_bytes(seed: int) -> bytes:
     return out.getvalue()
 
 
-def post_feedback(settings, data: bytes, label: str, predicted: str = "rice leaf roller", kind: str = db.LABEL) -> int:
+def post_feedback(
+    settings, data: bytes, label: str, predicted: str = "rice leaf roller", kind: str = db.LABEL, submitted_by: str = "tester"
+) -> int:
     """Store feedback the way the service does (image first, then the row); returns its id."""
     sha = hashlib.sha256(data).hexdigest()
     key = image_key(settings.feedback.s3_prefix, sha, ".png")
@@ -76,4 +78,5 @@ def post_feedback(settings, data: bytes, label: str, predicted: str = "rice leaf
         user_id="tester",
         prediction_id=None,
         kind=kind,
+        submitted_by=submitted_by,
     )

@@ -1,11 +1,19 @@
 """Feedback storage (PostgreSQL + S3) and its export into dataset versions."""
 
 import hashlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
+from PIL import Image
 
+from config import REPO_ROOT
 from feedback import db
-from feedback.export import publish, stage
+from feedback.export import finish_interrupted_publish, publish, stage
 from ml.data import read_classes, read_split
 from ml.data.versions import current_dataset
 from ml.validate import validate
@@ -46,7 +54,7 @@ def test_export_builds_a_validated_version_with_the_corrections(live_settings):
     post_feedback(settings, photo, classes[2])  # the same image corrected again: the last label wins
     post_feedback(settings, other, classes[1])
     test_name, _ = read_split(base, "test")[0]
-    post_feedback(settings, (base / "images" / test_name).read_bytes(), classes[3])  # would leak into the test score
+    leak = post_feedback(settings, (base / "images" / test_name).read_bytes(), classes[3])  # would leak into the test score
     assert db.pending_count(db.engine(settings)) == 4
 
     staged = _stage_validate_publish(settings)
@@ -58,7 +66,7 @@ def test_export_builds_a_validated_version_with_the_corrections(live_settings):
     assert train[f"feedback_{hashlib.sha256(photo).hexdigest()[:16]}.jpg"] == 2
     assert train[f"feedback_{hashlib.sha256(other).hexdigest()[:16]}.jpg"] == 1
     assert read_split(version, "test") == read_split(base, "test")  # scores stay comparable
-    assert staged.summary.skipped == [f"feedback:{staged.feedback_ids[-1]}: image is in the val/test split"]
+    assert staged.summary.skipped == [] and [row.id for row in db.quarantined(db.engine(settings))] == [leak]
     assert "source" in (version / "samples.csv").read_text()
     assert db.pending_count(db.engine(settings)) == 0
 
@@ -73,3 +81,67 @@ def test_the_next_export_builds_on_the_previous_version(live_settings):
     assert second.parent_dir == first.target_dir
     assert len(read_split(second.target_dir, "train")) == len(read_split(first.target_dir, "train")) + 1
     assert len((second.target_dir / "samples.csv").read_text().splitlines()) == 3  # header + both samples
+
+
+def _png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.effect_noise((width, height), 50).convert("RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
+def _reencoded_test_image(dataset) -> bytes:
+    name, _ = read_split(dataset, "test")[0]
+    out = io.BytesIO()
+    Image.open(dataset / "images" / name).save(out, format="JPEG", quality=60)
+    return out.getvalue()
+
+
+def test_bad_rows_are_quarantined_with_their_reasons_and_the_good_ones_publish(live_settings):
+    settings = live_settings
+    base, engine = settings.base_dataset_dir, db.engine(settings)
+    species = read_classes(base)[0]
+    good = [post_feedback(settings, photo_bytes(40 + i), species) for i in range(2)]
+    bad = {
+        post_feedback(settings, _png(1, 1), species): "1x1 px",
+        post_feedback(settings, _png(12_000, 20), species): "12000x20 px",
+        post_feedback(settings, photo_bytes(50), "dragon"): "unknown species",
+        post_feedback(settings, _reencoded_test_image(base), species): "near-duplicate of a val/test image",
+    }
+    staged = _stage_validate_publish(settings)  # the suite passes: no bad row reached the version
+
+    assert staged.feedback_ids == good and len(read_split(staged.target_dir, "train")) == len(read_split(base, "train")) + 2
+    reasons = {row.id: row.quarantine_reason for row in db.quarantined(engine)}
+    assert set(reasons) == set(bad) and all(fragment in reasons[i] for i, fragment in bad.items())
+    assert db.pending_count(engine) == 0
+    listed = subprocess.run(
+        [sys.executable, "-m", "feedback", "quarantined"],
+        env={**os.environ, "INSECT_FEEDBACK__DATABASE_URL": settings.feedback.database_url},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert all(f"feedback {i} " in listed for i in bad)
+
+
+def test_an_ingest_killed_between_recording_and_moving_the_version_is_finished_by_the_next(live_settings, monkeypatch):
+    settings = live_settings
+    ids = [post_feedback(settings, photo_bytes(60 + i), read_classes(settings.base_dataset_dir)[1]) for i in range(2)]
+    staged = stage(settings)
+    validate(settings, dataset_dir=staged.staging_dir, out_dir=settings.work_dir / "validation")
+
+    def killed(self, target):
+        raise KeyboardInterrupt("killed after the database committed")
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(Path, "rename", killed)
+        publish(settings, staged.staging_dir, staged.target_dir, staged.feedback_ids, 2)
+    assert not staged.target_dir.exists() and db.pending_count(db.engine(settings)) == 0  # recorded, not in place
+
+    assert finish_interrupted_publish(settings) == [staged.target_dir]
+    assert current_dataset(settings) == staged.target_dir
+    versions = [export for export in db.exports(db.engine(settings)) if export.dataset_dir == str(staged.target_dir)]
+    assert len(versions) == 1
+    with db.engine(settings).connect() as conn:
+        consumed = conn.execute(sa.select(db.feedback.c.export_id).where(db.feedback.c.id.in_(ids))).scalars().all()
+    assert consumed == [versions[0].id] * 2
+    assert finish_interrupted_publish(settings) == []  # nothing left to finish

@@ -83,3 +83,16 @@ def test_suggestions_wait_and_only_labels_count_towards_a_new_version(live_setti
     post_feedback(live_settings, photo_bytes(2), "rice leaf roller", kind=db.SUGGESTION)
     assert db.pending_count(engine) == 1
     assert [row.id for row in db.pending_feedback(engine)] == [label]
+
+
+def test_suggestions_train_once_enough_distinct_clients_agree_when_so_configured(live_settings):
+    engine = db.engine(live_settings)
+    species, photo = "rice leaf roller", photo_bytes(3)
+    post_feedback(live_settings, photo, species, kind=db.SUGGESTION, submitted_by="client-a")
+    post_feedback(live_settings, photo, "paddy stem maggot", kind=db.SUGGESTION, submitted_by="client-b")  # disagrees
+    post_feedback(live_settings, photo, species, kind=db.SUGGESTION, submitted_by="client-a")  # the same client again
+    assert db.pending_count(engine, agreement=2) == 0 and db.pending_count(engine) == 0
+    post_feedback(live_settings, photo, species, kind=db.SUGGESTION, submitted_by="client-c")
+    agreed = db.pending_feedback(engine, agreement=2)
+    assert {(row.corrected_label, row.submitted_by) for row in agreed} == {(species, "client-a"), (species, "client-c")}
+    assert db.pending_count(engine) == 0  # off unless configured

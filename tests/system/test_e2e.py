@@ -35,10 +35,15 @@ def _airflow_env(settings, tmp_path) -> dict:
 
 
 @pytest.mark.slow
-def test_ingest_dag_publishes_a_dataset_version_and_an_asset_event(live_settings, tmp_path):
+def test_ingest_publishes_the_good_rows_quarantines_the_bad_and_the_next_retrain_trains_on_it(live_settings, tmp_path):
     settings = live_settings
     classes = read_classes(settings.base_dataset_dir)
     ids = [post_feedback(settings, photo_bytes(10 + i), classes[i % len(classes)]) for i in range(3)]
+    test_image, _ = read_split(settings.base_dataset_dir, "test")[0]
+    bad = [
+        post_feedback(settings, photo_bytes(20), "dragon"),  # an unknown species
+        post_feedback(settings, (settings.base_dataset_dir / "images" / test_image).read_bytes(), classes[0]),  # a test image
+    ]
     env = {
         **_airflow_env(settings, tmp_path),
         "INSECT_FEEDBACK__DATABASE_URL": settings.feedback.database_url,
@@ -56,6 +61,13 @@ def test_ingest_dag_publishes_a_dataset_version_and_an_asset_event(live_settings
         events = conn.execute("SELECT a.name, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id").fetchall()
     assert [name for name, _ in events] == [TRAINING_DATASET.name]
     assert json.loads(events[0][1])["feedback_ids"] == ids
+    assert [row.id for row in db.quarantined(db.engine(settings))] == bad
+
+    retrained = _airflow(["dags", "test", "retrain"], env)  # unnamed: the newest version
+    assert retrained.returncode == 0, retrained.stdout[-4000:] + retrained.stderr[-4000:]
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    champion = MlflowClient().get_model_version_by_alias(settings.registered_model_name, CHAMPION)
+    assert champion.tags["dataset_dir"] == str(version)
 
 
 @pytest.mark.slow

@@ -259,13 +259,13 @@ def test_a_storage_outage_is_a_503_not_a_500():
         raise sa.exc.OperationalError("INSERT", {}, Exception("connection refused"))
 
 
-def _stored() -> tuple[int, int]:
-    """Feedback and prediction rows: a refused request adds to neither."""
+def _stored() -> tuple[int, ...]:
+    """Feedback rows, prediction rows and stored images: a refused request adds to none."""
     engine = sa.create_engine(get_settings().feedback.database_url)
     with engine.connect() as conn:
-        return tuple(
-            conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() for t in (feedback_table, db.predictions)
-        )
+        rows = [conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() for t in (feedback_table, db.predictions)]
+    s3 = boto3.client("s3", endpoint_url=get_settings().feedback.s3_endpoint_url)
+    return (*rows, s3.list_objects_v2(Bucket=BUCKET).get("KeyCount", 0))
 
 
 def _photo_post(server, route: str = "/predict", **kwargs) -> httpx.Response:
