@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -78,6 +79,8 @@ def test_zero3_shards_train_into_a_whole_classifier(settings, tmp_path):
     )
     zero3_settings = settings.model_copy(update={"train": train_cfg})
     result = train(zero3_settings, dataset_dir=settings.base_dataset_dir, out_dir=tmp_path / "out")
+    # DeepSpeed's CPU all-reduce maps 69 MB of /dev/shm per rank and never unlinks it
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{train_cfg.master_port}_*"))
     trained = torch.load(result.model_path, weights_only=False)
     fresh = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), read_classes(settings.base_dataset_dir))
     assert [p.shape for p in trained.visual.parameters()] == [p.shape for p in fresh.visual.parameters()]
