@@ -49,7 +49,7 @@ def pruned_top1_by_seed(run_dir: Path, dataset: Path, settings: Settings, seeds:
                 seeded, model_path=run_dir / "train" / "classifier.pt", dataset_dir=dataset, out_dir=Path(scratch) / str(seed)
             )
             model = load_classifier(pruned.model_path)
-            top1[seed] = score(eager_predict_fn(model), dataset, model.classes, model.image_size)["top1"]
+            top1[seed] = score(eager_predict_fn(model), dataset, model.classes, model.image_size)["lab"].metrics["top1"]
     return top1
 
 
@@ -71,7 +71,7 @@ def main(
     typer.echo(f"models from {run_dir}; {torch.get_num_threads()} threads")
     quality = {
         name: {
-            **score(eager_predict_fn(m), dataset, m.classes, m.image_size),
+            **score(eager_predict_fn(m), dataset, m.classes, m.image_size)["lab"].metrics,
             **dict(zip(("flops", "params"), count_flops(m), strict=True)),
         }
         for name, m in models.items()

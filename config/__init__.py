@@ -79,6 +79,17 @@ class CompileConfig(Section):
     min_top1_agreement: float = 0.999
 
 
+class GateConfig(Section):
+    """When a retrained model replaces the champion (registry/gate.py; README: "The gate")."""
+
+    lab_margin: float = 0.05  # lab top-1 may be at most this much worse (lower bound of a paired bootstrap)
+    alpha: float = 0.05  # the improvement must be significant at this level (one-sided exact McNemar)
+    max_class_recall_drop: float = 0.25  # no class with enough images may lose more recall than this
+    min_class_images: int = 10  # classes with fewer images in a slice are too noisy to judge alone
+    min_field_images: int = 20  # a smaller field slice cannot show an improvement: lab must
+    bootstrap_samples: int = 2000
+
+
 class FeedbackConfig(Section):
     """Where user feedback lands. Unset URLs mean the embedded defaults: a PostgreSQL cluster the
     project starts under the data directory, and images as files under the data directory."""
@@ -92,6 +103,8 @@ class FeedbackConfig(Section):
     min_new_samples: int = 5  # the ingest DAG publishes a dataset version from this many trainable rows
     # clients' suggestions train once this many distinct keys agree on an image's species (unset: only a labeler's do)
     client_agreement: int | None = None
+    # share of new trainable images held out of training as the field slice (chosen by image hash)
+    field_holdout_share: float = Field(0.2, ge=0.0, lt=1.0)
     ingest_schedule: str = "@hourly"  # the ingest DAG's schedule (cron or preset)
 
 
@@ -156,6 +169,7 @@ class Settings(BaseSettings):
     train: TrainConfig = TrainConfig()
     prune: PruneConfig = PruneConfig()
     compile: CompileConfig = CompileConfig()
+    gate: GateConfig = GateConfig()
     feedback: FeedbackConfig = FeedbackConfig()
     serve: ServeConfig = ServeConfig()
     stack: StackConfig = StackConfig()

@@ -59,12 +59,13 @@ def stage(settings: Settings) -> StagedVersion:
         log.warning("feedback %d quarantined: %s", feedback_id, reason)
     target = next_version(settings.dataset_versions_dir)
     staging = target.with_name(target.name + STAGING_SUFFIX)
-    summary = build_version(parent, samples, staging)
+    summary = build_version(parent, samples, staging, settings.feedback.field_holdout_share)
     log.info(
-        "staged %s from %s: %d images added, %d relabelled, %d skipped %s",
+        "staged %s from %s: %d images added to train, %d held out as field, %d relabelled, %d skipped %s",
         target.name,
         parent,
         summary.added,
+        summary.held_out,
         summary.relabelled,
         len(summary.skipped),
         summary.skipped,

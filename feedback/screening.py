@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ml.data import read_split
-from ml.data.ip102 import MAX_SIDE, MIN_SIDE
+from ml.data.ip102 import MAX_SIDE, MIN_SIDE, held_out_splits
 
 NEAR_DUPLICATE_BITS = 20
 
@@ -27,9 +27,9 @@ def difference_hash(image: Image.Image, size: int = 16) -> int:
 
 
 def held_out_hashes(dataset: Path) -> list[int]:
-    """The hashes of a dataset's val and test images, which training must never see."""
+    """The hashes of a dataset's val, test and field images, which training must never see."""
     hashes = []
-    for split in ("val", "test"):
+    for split in held_out_splits(dataset):
         for name, _ in read_split(dataset, split):
             with Image.open(dataset / "images" / name) as image:
                 hashes.append(difference_hash(image))

@@ -1,5 +1,7 @@
-"""The evaluate stage: top-1, top-5, macro-F1 and a confusion matrix on the test split, for the
-candidate and, when given, the served champion (`python -m ml.evaluate --model M --out-dir D`).
+"""The evaluate stage: the candidate and, when given, the served champion on every evaluation
+slice (`lab`: the test split; `field`: users' photos held out of training), with top-1, top-5,
+macro-F1, worst-class recall, calibration (ECE), per-class recall, a confusion matrix, and each
+image's answer for the gate's paired tests (`python -m ml.evaluate --model M --out-dir D`).
 `score` does it for any model given as a batch -> logits function."""
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ matplotlib.use("Agg")  # headless: workers and CI have no display
 import matplotlib.pyplot as plt
 import numpy as np
 import typer
-from sklearn.metrics import ConfusionMatrixDisplay, f1_score
+from scipy.special import softmax
+from sklearn.metrics import ConfusionMatrixDisplay, f1_score, recall_score
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from config import Settings
 from ml import cli
-from ml.data import IP102Dataset, eval_transform
-from ml.results import Evaluation
+from ml.data import IP102Dataset, eval_transform, read_split
+from ml.data.ip102 import FIELD_SPLIT, splits_of
+from ml.results import Evaluation, SliceScores
 from ml.runtime import PredictFn, eager_predict_fn
 from ml.tracking import NO_RUN, RunLog
 
@@ -45,7 +49,30 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
     }
 
 
-def confusion_matrix_plot(logits: np.ndarray, labels: np.ndarray, classes: list[str], path: Path) -> Path:
+def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """How far confidence is from accuracy: |accuracy - mean confidence| per confidence bin,
+    weighted by the bin's share of images (Guo et al. 2017)."""
+    probabilities = softmax(logits, axis=1)
+    confidence, correct = probabilities.max(1), probabilities.argmax(1) == labels
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    gaps = [abs(correct[which == b].mean() - confidence[which == b].mean()) * np.mean(which == b) for b in np.unique(which)]
+    return float(sum(gaps))
+
+
+def slice_scores(logits: np.ndarray, labels: np.ndarray) -> SliceScores:
+    num_classes = logits.shape[1]
+    predicted = logits.argmax(1)
+    present = np.isin(np.arange(num_classes), labels)
+    recall = recall_score(labels, predicted, labels=np.arange(num_classes), average=None, zero_division=0)
+    metrics = classification_metrics(logits, labels) | {
+        "worst_class_recall": float(recall[present].min()),
+        "ece": expected_calibration_error(logits, labels),
+    }
+    class_recall = [float(r) if p else None for r, p in zip(recall, present, strict=True)]
+    return SliceScores(metrics=metrics, class_recall=class_recall, predicted=predicted.tolist(), labels=labels.tolist())
+
+
+def confusion_matrix_plot(logits: np.ndarray, labels: np.ndarray, classes: list[str], title: str, path: Path) -> Path:
     size = max(6, 0.35 * len(classes))
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay.from_predictions(
@@ -58,22 +85,33 @@ def confusion_matrix_plot(logits: np.ndarray, labels: np.ndarray, classes: list[
         colorbar=False,
         include_values=len(classes) <= 20,
     )
-    ax.set_title("Confusion matrix (test split)")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
+def evaluation_slices(dataset_dir: Path) -> dict[str, str]:
+    """Slice name -> the split it reads: `lab` (the test split: photos like the training set's)
+    always, `field` (users' corrected photos held out of training) once a version has any."""
+    field = FIELD_SPLIT in splits_of(dataset_dir) and read_split(dataset_dir, FIELD_SPLIT)
+    return {"lab": "test", **({"field": FIELD_SPLIT} if field else {})}
+
+
 def score(
-    predict: PredictFn, dataset_dir: Path, classes: list[str], image_size: int, out_dir: Path | None = None, split: str = "test"
-) -> dict[str, float]:
-    """Metrics of `predict` on one split; with `out_dir`, also writes confusion_matrix.png there."""
-    logits, labels = collect_logits(predict, dataset_dir, split, image_size)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        confusion_matrix_plot(logits, labels, classes, out_dir / "confusion_matrix.png")
-    return classification_metrics(logits, labels)
+    predict: PredictFn, dataset_dir: Path, classes: list[str], image_size: int, out_dir: Path | None = None
+) -> dict[str, SliceScores]:
+    """`predict` on every slice of the dataset; with `out_dir`, also a confusion matrix per slice there."""
+    scores = {}
+    for name, split in evaluation_slices(dataset_dir).items():
+        logits, labels = collect_logits(predict, dataset_dir, split, image_size)
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            title = f"Confusion matrix, {name} slice ({split} split, {len(labels)} images)"
+            confusion_matrix_plot(logits, labels, classes, title, out_dir / f"confusion_matrix_{name}.png")
+        scores[name] = slice_scores(logits, labels)
+    return scores
 
 
 def evaluate(
@@ -85,23 +123,24 @@ def evaluate(
     baseline: PredictFn | None = None,
     run: RunLog = NO_RUN,
 ) -> Evaluation:
-    """The candidate at `model_path` and the `baseline` (the champion), on the same test split.
-    Logs the candidate's metrics, the baseline's as `champion_*`, and the confusion matrix."""
+    """The candidate at `model_path` and the `baseline` (the champion), on the same images of
+    every slice. Logs the candidate's metrics as `<slice>_<metric>`, the baseline's as
+    `champion_<slice>_<metric>`, and the confusion matrices."""
     from ml.model import load_classifier
 
     model = load_classifier(model_path)
     candidate = score(eager_predict_fn(model), dataset_dir, model.classes, model.image_size, out_dir)
-    run.metrics(candidate)
-    run.artifact(out_dir / "confusion_matrix.png", "evaluation")
-    champion = None
-    if baseline is not None:
-        champion = score(baseline, dataset_dir, model.classes, model.image_size)
-        run.metrics({f"champion_{key}": value for key, value in champion.items()})
-    return Evaluation(candidate=candidate, baseline=champion, classes=model.classes, image_size=model.image_size).save(out_dir)
+    champion = None if baseline is None else score(baseline, dataset_dir, model.classes, model.image_size)
+    evaluation = Evaluation(candidate=candidate, baseline=champion, classes=model.classes, image_size=model.image_size)
+    run.metrics(evaluation.metrics())
+    run.metrics({f"champion_{key}": value for key, value in evaluation.metrics("baseline").items()})
+    for plot in sorted(out_dir.glob("confusion_matrix_*.png")):
+        run.artifact(plot, "evaluation")
+    return evaluation.save(out_dir)
 
 
 def main(model_path: cli.ModelPath, out_dir: cli.OutDir, dataset_dir: cli.DatasetDir = None, run_id: cli.RunId = None) -> None:
-    """Score a classifier on the test split (no champion: that is the registry's)."""
+    """Score a classifier on every slice of the dataset (no champion: that is the registry's)."""
     cli.run_stage(evaluate, run_id, dataset_dir, model_path=model_path, out_dir=out_dir)
 
 

@@ -8,7 +8,7 @@ passes it on through XCom as `model_dump(mode="json")`, a shell user through `--
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict
 
@@ -60,8 +60,24 @@ class CompileResult(StageResult):
     top1_agreement: float
 
 
+class SliceScores(BaseModel):
+    """One model on one evaluation slice, with its answer per image (what paired tests compare)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    metrics: dict[str, float]  # top1, top5, macro_f1, worst_class_recall, ece
+    class_recall: list[float | None]  # per class; None where the slice holds no image of it
+    predicted: list[int]  # per image, in the slice's order
+    labels: list[int]
+
+
 class Evaluation(StageResult):
-    candidate: dict[str, float]  # test-split metrics of the model evaluated
-    baseline: dict[str, float] | None  # the same metrics of the served champion, when there is one
+    candidate: dict[str, SliceScores]  # slice name (lab, field) -> the evaluated model's scores
+    baseline: dict[str, SliceScores] | None  # the served champion's, on the same images, when there is one
     classes: list[str]
     image_size: int
+
+    def metrics(self, model: Literal["candidate", "baseline"] = "candidate") -> dict[str, float]:
+        """Flat `<slice>_<metric>` numbers, as logged to MLflow."""
+        scores = getattr(self, model) or {}
+        return {f"{name}_{key}": value for name, slice_ in scores.items() for key, value in slice_.metrics.items()}

@@ -3,7 +3,7 @@
 A model version bundles the exported eager model (`model.pt2`, torch.export: loadable without
 any training code) and the TVM libraries, each with its sha256 as a version tag. Aliases carry
 the lifecycle: every new version is `challenger`; `champion` is what production serves, moved
-by the gate here or by a person in the MLflow UI.
+by the gate (registry/gate.py) or by a person in the MLflow UI.
 """
 
 from __future__ import annotations
@@ -24,15 +24,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from pydantic import BaseModel
 
-from config import Settings
+from config import GateConfig, Settings
 from ml.results import CompileResult, Evaluation, ValidationSummary
 from ml.runtime import PredictFn
 from ml.tracking import RunLog, configure
+from registry.gate import GateDecision, decide
 from registry.pyfunc import SpeciesClassifierModel
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PROMOTED_AT = "promoted_at"
-GATE_METRIC = "top1"
+GATE_TAG = "gate"  # the gate's decision, with its statistics, as JSON on each version
 
 
 def sha256(path: Path) -> str:
@@ -137,27 +138,22 @@ def rollback(name: str) -> str:
     return str(previous.version)
 
 
-def gate(name: str, version: str, candidate: dict[str, float], champion: dict[str, float] | None) -> bool:
-    """Promote `version` if it beats the champion's metrics on the same test split (or if there
-    is no champion yet). Both sets of metrics and the decision are recorded on the version."""
-    promoted = champion is None or candidate[GATE_METRIC] > champion[GATE_METRIC]
-    client = MlflowClient()
-    client.set_model_version_tag(
-        name,
-        version,
-        "gate",
-        json.dumps({"metric": GATE_METRIC, "candidate": candidate, "champion": champion, "promoted": promoted}),
-    )
-    if promoted:
+def gate(cfg: GateConfig, name: str, version: str, evaluation: Evaluation) -> GateDecision:
+    """Promote `version` if the gate (registry/gate.py) finds it better than the champion beyond
+    noise; the decision and its statistics are recorded on the version either way."""
+    decision = decide(evaluation.candidate, evaluation.baseline, cfg)
+    MlflowClient().set_model_version_tag(name, version, GATE_TAG, decision.model_dump_json())
+    if decision.promoted:
         promote(name, version)
-    return promoted
+    return decision
 
 
 class Registration(BaseModel):
     name: str
     version: str
     champion: bool  # whether the gate promoted it
-    metrics: dict[str, float]  # its test-split metrics
+    metrics: dict[str, float]  # its `<slice>_<metric>` scores
+    gate: GateDecision
 
 
 def champion_predict_fn(settings: Settings) -> PredictFn | None:
@@ -170,7 +166,7 @@ def champion_predict_fn(settings: Settings) -> PredictFn | None:
 
 def _with_champion_scores(settings: Settings, evaluation: Evaluation, dataset_dir: Path) -> Evaluation:
     """The gate compares with the champion: an evaluation made without it (the evaluate stage
-    run from the shell) gets the champion's scores on the same test split here."""
+    run from the shell) gets the champion's scores on the same slices here."""
     champion = champion_predict_fn(settings) if evaluation.baseline is None else None
     if champion is None:
         return evaluation
@@ -197,5 +193,9 @@ def register(
         "config": json.dumps(trained_with, default=str),
     }
     version = register_model(name, compiled.artifacts, model_config, tags, run)
-    promoted = gate(name, version.version, evaluation.candidate, evaluation.baseline)
-    return Registration(name=name, version=str(version.version), champion=promoted, metrics=evaluation.candidate)
+    decision = gate(settings.gate, name, version.version, evaluation)
+    improvement = decision.checks.get("improvement", {})
+    run.metrics({"gate_promoted": float(decision.promoted), **({"gate_p_value": improvement["p_value"]} if improvement else {})})
+    return Registration(
+        name=name, version=str(version.version), champion=decision.promoted, metrics=evaluation.metrics(), gate=decision
+    )

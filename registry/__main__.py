@@ -14,9 +14,11 @@ from config import get_settings
 from config.cli import exit_on
 from ml.results import CompileResult, Evaluation, ValidationSummary
 from ml.tracking import RunLog, configure
+from registry import GATE_TAG
 from registry import promote as promote_version
 from registry import register as register_version
 from registry import rollback as rollback_champion
+from registry.gate import GateDecision
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -48,7 +50,7 @@ def register(
 
 @app.command("list")
 def list_versions() -> None:
-    """Every version with its aliases and test metrics."""
+    """Every version with its aliases, lab and field top-1, and the gate's decision."""
     settings = get_settings()
     configure(settings)
     name = settings.registered_model_name
@@ -58,9 +60,20 @@ def list_versions() -> None:
         raise typer.Exit(1)
     for v in versions:
         metrics = mlflow.get_run(v.run_id).data.metrics
-        scores = "  ".join(f"{k}={metrics[k]:.3f}" for k in ("top1", "top5", "macro_f1") if k in metrics)
+        scores = "  ".join(f"{k}={metrics[k]:.3f}" for k in ("lab_top1", "field_top1") if k in metrics)
         dataset = Path(v.tags.get("dataset_dir", "?")).name
-        typer.echo(f"{name} v{v.version:<3} {','.join(v.aliases) or '-':<22} {scores}  dataset={dataset}")
+        typer.echo(f"{name} v{v.version:<3} {','.join(v.aliases) or '-':<22} {scores}  dataset={dataset}  {_gate_line(v)}")
+
+
+def _gate_line(version) -> str:
+    if GATE_TAG not in version.tags:
+        return ""
+    decision = GateDecision.model_validate_json(version.tags[GATE_TAG])
+    gain = decision.checks.get("improvement")
+    if gain is None:
+        return "gate: first model"
+    verdict = "promoted" if decision.promoted else "kept the champion"
+    return f"gate: {verdict} ({decision.improvement_slice} {gain['wins']} won/{gain['losses']} lost, p={gain['p_value']:.3g})"
 
 
 @app.command()

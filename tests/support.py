@@ -8,6 +8,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -15,7 +16,9 @@ from config import get_settings
 from feedback import db
 from feedback.images import image_key, image_store
 from ml.compile import export
+from ml.evaluate import slice_scores
 from ml.model import SpeciesClassifier, build_coca
+from ml.results import SliceScores
 from ml.runtime import EXPORTED_KEY
 from ml.tracking import RunLog
 from registry import promote, register_model
@@ -31,7 +34,14 @@ TINY_ENV = {
     "INSECT_PRUNE__MAX_TOP1_DROP": "1.0",  # an untrained tiny model has no accuracy to protect
     "INSECT_COMPILE__CUDA_ARCHS": '["sm_80"]',
     "INSECT_COMPILE__TUNING_TRIALS": "0",  # tuning has its own test
+    "INSECT_FEEDBACK__FIELD_HOLDOUT_SHARE": "0",  # tests count train images; the holdout has its own tests
 }
+
+
+def answers(labels: list[int], right: list[bool], num_classes: int) -> SliceScores:
+    """A model's scores on a slice where it gets `right` images right (a wrong one: the next class)."""
+    predicted = [label if ok else (label + 1) % num_classes for label, ok in zip(labels, right, strict=True)]
+    return slice_scores(np.eye(num_classes)[predicted], np.array(labels))
 
 
 def free_port() -> int:

@@ -3,6 +3,8 @@
 root/images/NAME.jpg
 root/train.txt, val.txt, test.txt   lines "NAME.jpg LABEL" (labels from 0)
 root/classes.txt                    lines "N name" (IP102, N from 1) or just "name"
+root/field.txt                      (dataset versions only) users' corrected photos held out of
+                                    training: the field slice models are scored and gated on
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 SPLITS = ("train", "val", "test")
+FIELD_SPLIT = "field"
 # Image sides a dataset may hold, in pixels (thumbnails and panoramas are both data errors): the
 # Great Expectations suite checks them, and the service refuses feedback outside them.
 MIN_SIDE, MAX_SIDE = 16, 10_000
@@ -29,6 +32,16 @@ def read_classes(root: Path) -> list[str]:
         number, _, rest = line.strip().partition(" ")
         names.append(rest.strip() if number.isdigit() and rest else line.strip())
     return [n for n in names if n]
+
+
+def splits_of(root: Path) -> tuple[str, ...]:
+    """The dataset's splits: IP102's three, and the field holdout where a version has one."""
+    return (*SPLITS, FIELD_SPLIT) if (root / f"{FIELD_SPLIT}.txt").is_file() else SPLITS
+
+
+def held_out_splits(root: Path) -> tuple[str, ...]:
+    """The splits training must never see."""
+    return tuple(split for split in splits_of(root) if split != "train")
 
 
 def read_split(root: Path, split: str) -> list[tuple[str, int]]:
@@ -47,7 +60,7 @@ def read_split(root: Path, split: str) -> list[tuple[str, int]]:
 def manifest(root: Path) -> pd.DataFrame:
     """One row per (split, image): file, absolute path, label, and the image bytes' sha256."""
     rows = []
-    for split in SPLITS:
+    for split in splits_of(root):
         for name, label in read_split(root, split):
             path = root / "images" / name
             digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None

@@ -3,6 +3,10 @@
 Each species gets a fixed body plan (colours, segment count, wing shape, markings, legs,
 antennae); every image varies it (pose, scale, colour jitter, leaf background, blur, noise), so
 a small model has something real to learn and accuracy means something.
+
+Two domains: `lab` photos (the dataset: the insect large, on a leaf, well lit) and `field`
+photos (what users send: smaller in the frame, on soil or sand, dimmer light with a colour cast,
+camera blur). The dataset is never drawn from the field domain; users and tests are.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import colorsys
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -61,8 +66,23 @@ def _jitter(rgb: tuple[float, float, float], rng: np.random.Generator) -> tuple[
 
 
 def _leaf_background(size: int, rng: np.random.Generator) -> Image.Image:
-    """Green-to-brown gradient with soft blotches: a leaf or soil, never a plain colour."""
+    """Green-to-brown gradient with soft blotches: a leaf, never a plain colour."""
     base = np.array(colorsys.hsv_to_rgb(rng.uniform(0.08, 0.35), rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.8)))
+    return _blotched(base, size, rng)
+
+
+def _ground_background(size: int, rng: np.random.Generator) -> Image.Image:
+    """Soil or sand: dull ochre to grey-brown, blotched, with a grain of pebbles."""
+    base = np.array(colorsys.hsv_to_rgb(rng.uniform(0.05, 0.13), rng.uniform(0.1, 0.45), rng.uniform(0.35, 0.85)))
+    image = _blotched(base, size, rng)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(40, 90)):
+        x, y, r = [*rng.uniform(0, size, 2).tolist(), rng.uniform(size * 0.004, size * 0.015)]
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=_jitter(tuple(base * rng.uniform(0.5, 1.4)), rng))
+    return image
+
+
+def _blotched(base: np.ndarray, size: int, rng: np.random.Generator) -> Image.Image:
     ramp = np.linspace(-0.15, 0.15, size)[None, :, None] * rng.choice([-1, 1])
     pixels = np.clip(base[None, None, :] + ramp, 0, 1) * np.ones((size, size, 3))
     image = Image.fromarray((pixels * 255).astype(np.uint8))
@@ -139,20 +159,37 @@ def _draw_marking(draw: ImageDraw.ImageDraw, marking: str, box: tuple, rgb: tupl
             draw.ellipse((x - r, y - r, x + r, y + r), fill=(*rgb, 255))
 
 
-def render(species: BodyPlan, size: int, rng: np.random.Generator) -> Image.Image:
-    """One photograph-like sample: the insect posed on a background, blurred and noisy."""
+Domain = Literal["lab", "field"]
+
+
+def render(species: BodyPlan, size: int, rng: np.random.Generator, domain: Domain = "lab") -> Image.Image:
+    """One photograph-like sample: the insect posed on a background, blurred and noisy; in the
+    field domain smaller, on the ground, in dim, tinted light, with more blur."""
+    field = domain == "field"
     big = size * SUPERSAMPLE
-    image = _leaf_background(big, rng)
+    image = (_ground_background if field else _leaf_background)(big, rng)
     insect = _draw_insect(species, big, rng)
     insect = insect.rotate(rng.uniform(0, 360), resample=Image.Resampling.BICUBIC)
-    scale = rng.uniform(0.7, 1.05)
+    scale = rng.uniform(0.55, 0.8) if field else rng.uniform(0.7, 1.05)
     insect = insect.resize((int(big * scale),) * 2, Image.Resampling.BICUBIC)
-    offset = rng.uniform(-0.1, 0.1, 2) * big + (big - insect.size[0]) / 2
+    offset = rng.uniform(-0.2 if field else -0.1, 0.2 if field else 0.1, 2) * big + (big - insect.size[0]) / 2
     image.paste(insect, tuple(int(o) for o in offset), insect)
-    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2) * SUPERSAMPLE))
+    blur = rng.uniform(0.6, 1.4) if field else rng.uniform(0, 1.2)
+    image = image.filter(ImageFilter.GaussianBlur(blur * SUPERSAMPLE))
     image = image.resize((size, size), Image.Resampling.LANCZOS)
-    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(2, 10), (size, size, 3))
+    pixels = np.asarray(image, dtype=np.float32)
+    if field:  # dimmer light with a colour cast: one gain per channel
+        pixels = pixels * rng.uniform(0.55, 0.8) * rng.uniform(0.85, 1.15, 3)
+    noisy = pixels + rng.normal(0, rng.uniform(2, 10), (size, size, 3))
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def field_photos(num_classes: int, per_class: int, size: int, seed: int) -> list[tuple[Image.Image, int]]:
+    """`per_class` field photos of each of the first `num_classes` species, classes interleaved
+    (as users would send them), with their labels: what the demo's users and the tests send."""
+    rng = np.random.default_rng(seed)
+    plans = [species_plan(label, num_classes) for label in range(num_classes)]
+    return [(render(plans[label], size, rng, "field"), label) for _ in range(per_class) for label in range(num_classes)]
 
 
 MARKER = ".synthetic.json"  # the generator's signature in a directory it wrote: its settings

@@ -1,6 +1,10 @@
 """Dataset versions: each one a complete IP102-layout directory (images hard-linked from its
 parent), with labelled samples added to the train split. Val and test stay the parent's, so
-every version is scored on the same images and models stay comparable across versions."""
+every version is scored on the same lab images and models stay comparable across versions.
+
+A fixed share of the new images, chosen by their hash (so a retried build chooses the same),
+goes to the `field` split instead of train: the users' own photos, never trained on, on which
+every later model is scored and gated. It only grows, version to version."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from config import Settings
-from ml.data.ip102 import SPLITS, manifest, read_classes, read_split
+from ml.data.ip102 import FIELD_SPLIT, SPLITS, manifest, read_classes, read_split, splits_of
 
 VERSION_PREFIX = "v"
 STAGING_SUFFIX = ".staging"
@@ -34,6 +38,7 @@ class Sample:
 class VersionSummary:
     root: Path
     added: int  # new train images
+    held_out: int  # new field images
     relabelled: int  # images already in train whose label changed
     skipped: list[str]  # sources not used, with why
 
@@ -68,14 +73,21 @@ def _as_jpeg(data: bytes) -> bytes:
     return out.getvalue()
 
 
-def build_version(parent: Path, samples: list[Sample], out: Path) -> VersionSummary:
+def in_field_holdout(sha256: str, share: float) -> bool:
+    """Whether a new image is held out for the field slice: the first 32 bits of its sha256,
+    read as a fraction, below `share`."""
+    return int(sha256[:8], 16) / 2**32 < share
+
+
+def build_version(parent: Path, samples: list[Sample], out: Path, field_share: float = 0.0) -> VersionSummary:
     """Write `parent` plus `samples` (the last label per image wins) to `out`.
 
-    An image already in val or test is skipped (training on it would leak into the scores);
-    an image already in train gets the new label."""
+    An image already in val, test or field is skipped (training on it would leak into the
+    scores); an image already in train gets the new label; a new image goes to the field split
+    when `in_field_holdout`, to train otherwise."""
     classes = read_classes(parent)
     table = manifest(parent)
-    held_out = set(table.loc[table.split != "train", "sha256"])
+    never_train = set(table.loc[table.split != "train", "sha256"])
     train_rows = table[table.split == "train"]
     train_file_by_sha = dict(zip(train_rows["sha256"], train_rows["file"], strict=True))
 
@@ -87,33 +99,38 @@ def build_version(parent: Path, samples: list[Sample], out: Path) -> VersionSumm
         shutil.copy2(parent / name, out / name)
 
     train = dict(read_split(parent, "train"))
+    field = dict(read_split(parent, FIELD_SPLIT)) if FIELD_SPLIT in splits_of(parent) else {}
     latest = {s.sha256: s for s in samples}  # dict keeps the last sample per image
-    added = relabelled = 0
+    added = relabelled = held = 0
     skipped, rows = [], []
     for sample in latest.values():
         if sample.label not in classes:
             skipped.append(f"{sample.source}: unknown species {sample.label!r}")
             continue
-        if sample.sha256 in held_out:
-            skipped.append(f"{sample.source}: image is in the val/test split")
+        file = train_file_by_sha.get(sample.sha256) or f"feedback_{sample.sha256[:16]}.jpg"
+        if sample.sha256 in never_train or file in field:  # feedback is stored re-encoded: known by name
+            skipped.append(f"{sample.source}: image is in the val, test or field split")
             continue
         label = classes.index(sample.label)
-        file = train_file_by_sha.get(sample.sha256) or f"feedback_{sample.sha256[:16]}.jpg"
+        split = "train" if file in train or not in_field_holdout(sample.sha256, field_share) else FIELD_SPLIT
         if file in train:
             relabelled += train[file] != label
         else:
             (out / "images" / file).write_bytes(_as_jpeg(sample.data))
-            added += 1
-        train[file] = label
-        rows.append({"source": sample.source, "sha256": sample.sha256, "file": file, "label": sample.label})
-    (out / "train.txt").write_text("".join(f"{file} {label}\n" for file, label in train.items()))
+            added += split == "train"
+            held += split == FIELD_SPLIT
+        (train if split == "train" else field)[file] = label
+        rows.append({"source": sample.source, "sha256": sample.sha256, "file": file, "label": sample.label, "split": split})
+    for split, items in (("train", train), (FIELD_SPLIT, field)):
+        if items or split == "train":
+            (out / f"{split}.txt").write_text("".join(f"{file} {label}\n" for file, label in items.items()))
     _append_samples_csv(parent, out, rows)
-    return VersionSummary(out, added, relabelled, skipped)
+    return VersionSummary(out, added=added, held_out=held, relabelled=relabelled, skipped=skipped)
 
 
 def _append_samples_csv(parent: Path, out: Path, rows: list[dict]) -> None:
     """`samples.csv`: every sample added since the base dataset, with where it came from."""
-    fields = ["source", "sha256", "file", "label"]
+    fields = ["source", "sha256", "file", "label", "split"]
     previous = parent / "samples.csv"
     with open(out / "samples.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

@@ -8,7 +8,9 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from ml.compile import build_static, export
+from ml.data import read_classes, read_split
 from ml.model import SpeciesClassifier, build_coca
+from ml.results import Evaluation
 from ml.runtime import host_target
 from ml.tracking import RunLog
 from registry import (
@@ -24,6 +26,7 @@ from registry import (
     version_by_alias,
 )
 from registry.__main__ import app
+from tests.support import answers
 
 CLASSES = ["a", "b", "c"]
 
@@ -37,16 +40,25 @@ def artifacts(tmp_path):
     return model, {"exported": path}
 
 
-def _register(settings, artifacts, top1, champion):
+LABELS = [i % len(CLASSES) for i in range(60)]
+
+
+def _lab(right: int) -> dict:
+    """Lab-slice answers of a model that gets the first `right` of 60 images right."""
+    return {"lab": answers(LABELS, [i < right for i in range(len(LABELS))], len(CLASSES))}
+
+
+def _register(settings, artifacts, right: int, champion_right: int | None = None):
     model_config, run = {"classes": CLASSES, "image_size": 64}, RunLog.start(settings, run_name="test")
     version = register_model(settings.registered_model_name, artifacts, model_config, {"dataset_digest": "d1"}, run)
-    promoted = gate(settings.registered_model_name, version.version, {"top1": top1}, champion)
-    return version, promoted
+    champion = None if champion_right is None else _lab(champion_right)
+    evaluation = Evaluation(candidate=_lab(right), baseline=champion, classes=CLASSES, image_size=64)
+    return version, gate(settings.gate, settings.registered_model_name, version.version, evaluation).promoted
 
 
 def test_first_version_becomes_champion_and_carries_hashes(settings, artifacts):
     model, files = artifacts
-    version, promoted = _register(settings, files, 0.5, None)
+    version, promoted = _register(settings, files, 30)
     assert promoted
     name = settings.registered_model_name
     assert version_by_alias(name, CHAMPION).version == version.version
@@ -61,15 +73,15 @@ def test_first_version_becomes_champion_and_carries_hashes(settings, artifacts):
 
 def test_champion_kept_when_challenger_is_worse(settings, artifacts):
     _, files = artifacts
-    first, _ = _register(settings, files, 0.8, None)
-    second, promoted = _register(settings, files, 0.6, {"top1": 0.8})
+    first, _ = _register(settings, files, 48)
+    second, promoted = _register(settings, files, 36, champion_right=48)
     name = settings.registered_model_name
     assert not promoted
     assert version_by_alias(name, CHAMPION).version == first.version
     assert version_by_alias(name, CHALLENGER).version == second.version
     decision = json.loads(MlflowClient().get_model_version(name, second.version).tags["gate"])
-    assert decision["promoted"] is False and decision["champion"] == {"top1": 0.8}
-    third, promoted = _register(settings, files, 0.9, {"top1": 0.8})
+    assert decision["promoted"] is False and decision["checks"]["improvement"]["losses"] == 12
+    third, promoted = _register(settings, files, 58, champion_right=48)  # 10 won, 0 lost
     assert promoted and version_by_alias(name, CHAMPION).version == third.version
 
 
@@ -80,8 +92,8 @@ def test_no_champion_is_none(settings):
 
 def test_list_shows_aliases_and_promote_moves_champion(settings, artifacts):
     _, files = artifacts
-    _register(settings, files, 0.8, None)
-    _register(settings, files, 0.5, {"top1": 0.8})
+    _register(settings, files, 48)
+    _register(settings, files, 30, champion_right=48)
     runner = CliRunner()
     listing = runner.invoke(app, ["list"]).output
     assert "v1" in listing and "champion" in listing.splitlines()[0] and "challenger" in listing.splitlines()[1]
@@ -91,7 +103,7 @@ def test_list_shows_aliases_and_promote_moves_champion(settings, artifacts):
 
 def test_load_verified_serves_eager_and_refuses_tampered_artifacts(settings, artifacts):
     _, files = artifacts
-    version, _ = _register(settings, files, 0.8, None)
+    version, _ = _register(settings, files, 48)
     served = load_verified(settings.registered_model_name)
     assert (served.version, served.backend, served.model.classes) == (str(version.version), "torch-eager", CLASSES)
     assert served.predict(np.zeros((1, 3, 64, 64), np.float32)).shape == (1, len(CLASSES))
@@ -103,10 +115,10 @@ def test_load_verified_serves_eager_and_refuses_tampered_artifacts(settings, art
 def test_rollback_returns_champion_to_the_previous_one(settings, artifacts):
     _, files = artifacts
     name = settings.registered_model_name
-    _register(settings, files, 0.8, None)
+    _register(settings, files, 48)
     with pytest.raises(LookupError, match="nothing to roll back"):
         rollback(name)
-    _register(settings, files, 0.9, {"top1": 0.8})
+    _register(settings, files, 58, champion_right=48)
     assert str(version_by_alias(name, CHAMPION).version) == "2"
     assert CliRunner().invoke(app, ["rollback"]).exit_code == 0
     assert str(version_by_alias(name, CHAMPION).version) == "1"
@@ -127,23 +139,32 @@ def test_a_version_with_a_tvm_library_for_this_cpu_is_served_by_tvm(settings, ar
     assert load_verified(settings.registered_model_name, backend="eager").backend == "torch-eager"
 
 
-def test_register_scores_the_champion_when_the_evaluation_did_not(settings, artifacts, tmp_path):
+def test_register_scores_the_champion_when_the_evaluation_did_not(settings, tmp_path):
     """`python -m ml.evaluate` knows no champion; the gate must still compare with it."""
-    from ml.results import CompileResult, Evaluation, ValidationSummary
+    from ml.results import CompileResult, ValidationSummary
     from registry import register
 
-    _, files = artifacts
-    _register(settings, files, 0.8, None)
+    classes, labels = (
+        read_classes(settings.base_dataset_dir),
+        [label for _, label in read_split(settings.base_dataset_dir, "test")],
+    )
+    model = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), classes).eval()
+    torch.export.save(export(model), tmp_path / "model.pt2")
+    files = {"exported": tmp_path / "model.pt2"}
+    _register(settings, files, 48)
     dataset = ValidationSummary(
         dataset_dir=settings.base_dataset_dir, digest="d", num_images=40, num_classes=4, report_path=tmp_path
     )
     registration = register(
         settings,
         compiled=CompileResult(artifacts=files, llvm_target=host_target(), max_abs_diff=0.0, top1_agreement=1.0),
-        evaluation=Evaluation(candidate={"top1": 0.0}, baseline=None, classes=CLASSES, image_size=64),
+        evaluation=Evaluation(
+            candidate={"lab": answers(labels, [False] * len(labels), len(classes))}, baseline=None, classes=classes, image_size=64
+        ),
         dataset=dataset,
         run=RunLog.start(settings, run_name="test"),
     )
     decision = json.loads(MlflowClient().get_model_version(settings.registered_model_name, registration.version).tags["gate"])
-    assert not registration.champion and set(decision["champion"]) == {"top1", "top5", "macro_f1"}
+    assert not registration.champion and decision["improvement_slice"] == "lab"
+    assert decision["checks"]["improvement"]["wins"] == 0  # scored against the champion's answers
     assert str(version_by_alias(settings.registered_model_name, CHAMPION).version) == "1"

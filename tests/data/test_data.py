@@ -1,3 +1,5 @@
+import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -9,7 +11,10 @@ from PIL import Image
 
 from config import REPO_ROOT, SyntheticDataConfig
 from ml.data import SPLITS, IP102Dataset, all_captions, dataset_digest, manifest, read_classes, read_split
-from ml.data.synthetic import MARKER, generate_synthetic, species_plan
+from ml.data.ip102 import FIELD_SPLIT
+from ml.data.synthetic import MARKER, field_photos, generate_synthetic, species_plan
+from ml.data.versions import Sample, build_version, in_field_holdout
+from ml.evaluate import evaluation_slices
 from tests.support import TINY_ENV
 
 
@@ -108,3 +113,42 @@ def test_regenerating_redraws_beside_so_hard_linked_versions_keep_their_images(t
     assert image.stat().st_mtime_ns == drawn_at  # the same settings: nothing rewritten
     generate_synthetic(root, SyntheticDataConfig(num_classes=4, images_per_class=5, seed=1))
     assert image.read_bytes() != published and (tmp_path / "published.jpg").read_bytes() == published
+
+
+def test_field_photos_differ_from_the_lab_where_users_differ_smaller_dimmer_on_the_ground(tiny_dataset):
+    lab = [np.asarray(Image.open(tiny_dataset / "images" / name), np.float32) for name, _ in read_split(tiny_dataset, "train")]
+    field = [np.asarray(image, np.float32) for image, _ in field_photos(num_classes=4, per_class=6, size=64, seed=1)]
+    assert np.mean([image.mean() for image in field]) < 0.85 * np.mean([image.mean() for image in lab])  # dimmer
+    greenness = (
+        [np.mean(image[..., 1] - image[..., 2]) for image in lab],
+        [np.mean(image[..., 1] - image[..., 2]) for image in field],
+    )
+    assert np.mean(greenness[1]) < np.mean(greenness[0])  # soil and sand, not leaves
+    assert [label for _, label in field_photos(4, 2, 64, seed=1)] == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
+def _samples(count: int, label: str) -> list[Sample]:
+    photos = []
+    for i in range(count):
+        out = io.BytesIO()
+        field_photos(1, 1, 32, seed=i)[0][0].save(out, format="JPEG")
+        data = out.getvalue()
+        photos.append(Sample(hashlib.sha256(data).hexdigest(), label, data, f"feedback:{i}"))
+    return photos
+
+
+def test_a_hash_chosen_share_of_new_images_is_held_out_as_the_field_slice_and_never_trains(tiny_dataset, tmp_path):
+    label = read_classes(tiny_dataset)[0]
+    samples = _samples(40, label)
+    first = build_version(tiny_dataset, samples[:30], tmp_path / "v1", field_share=0.3)
+    field = dict(read_split(first.root, FIELD_SPLIT))
+    expected = {f"feedback_{s.sha256[:16]}.jpg" for s in samples[:30] if in_field_holdout(s.sha256, 0.3)}
+    assert set(field) == expected and 3 <= len(field) <= 18 and first.held_out == len(field)
+    assert not set(field) & set(dict(read_split(first.root, "train")))
+    # sent again (relabelled) or built on: a held-out image stays held out, and the slice only grows
+    second = build_version(first.root, [*samples[:30], *samples[30:]], tmp_path / "v2", field_share=0.3)
+    assert set(field) <= set(dict(read_split(second.root, FIELD_SPLIT)))
+    assert not set(dict(read_split(second.root, FIELD_SPLIT))) & set(dict(read_split(second.root, "train")))
+    assert second.added + second.held_out == 10 and len(second.skipped) == len(field)
+    assert evaluation_slices(second.root) == {"lab": "test", "field": FIELD_SPLIT}
+    assert evaluation_slices(tiny_dataset) == {"lab": "test"}

@@ -82,7 +82,7 @@ def test_retrain_dag_registers_a_champion_trained_on_the_dataset_the_run_names(s
     client = MlflowClient()
     champion = client.get_model_version_by_alias(settings.registered_model_name, CHAMPION)
     metrics = mlflow.get_run(champion.run_id).data.metrics
-    assert {"top1", "top5", "macro_f1", "tvm_max_abs_diff"} <= set(metrics)
+    assert {"lab_top1", "lab_top5", "lab_macro_f1", "lab_ece", "tvm_max_abs_diff"} <= set(metrics)
     assert {"sha256.exported", "sha256.tvm_llvm_b1", "dataset_digest"} <= set(champion.tags)
     assert champion.tags["dataset_dir"] == str(settings.base_dataset_dir)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{settings.registered_model_name}/{champion.version}"))

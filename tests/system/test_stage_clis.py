@@ -10,6 +10,7 @@ import mlflow
 import pytest
 
 from config import REPO_ROOT
+from ml.results import Evaluation
 from ml.tracking import RunLog
 from registry import CHAMPION, version_by_alias
 
@@ -34,7 +35,7 @@ def test_each_stage_runs_from_its_own_cli_and_the_chain_registers_a_champion(set
     assert validated["num_classes"] == 4 and validated["dataset_dir"] == str(settings.base_dataset_dir)
     assert pruned["flops_after"] < pruned["flops_before"]
     assert {"exported", "tvm_llvm_b1"} <= set(compiled["artifacts"])
-    assert registered["champion"] and registered["metrics"] == evaluated["candidate"]
+    assert registered["champion"] and registered["metrics"] == Evaluation(**evaluated).metrics()
     mlflow.set_tracking_uri(settings.tracking_uri)
     assert str(version_by_alias(settings.registered_model_name, CHAMPION).version) == registered["version"]
     logged = mlflow.get_run(run.run_id).data
