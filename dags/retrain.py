@@ -3,7 +3,8 @@
 
 Validate the dataset (Great Expectations) → train CoCa and the species classifier (DeepSpeed)
 → prune (torch-pruning) → compile (TVM, llvm + cuda) → evaluate against the champion on the
-test split → register in MLflow (`challenger`; `champion` if it wins).
+lab and field slices → register in MLflow (`challenger`; `champion` if the gate finds it better
+beyond noise).
 
 Runs weekly, and whenever the ingest_feedback DAG publishes a new dataset version (the
 `insect_training_dataset` Asset); it always trains on the newest version. Every task logs into
@@ -72,7 +73,7 @@ def retrain():
 
     @task
     def evaluate(lineage: dict, pruned: dict) -> dict:
-        """The candidate and the current champion, on the same test split."""
+        """The candidate and the current champion, on the same images of every slice."""
         from ml.evaluate import evaluate
         from registry import champion_predict_fn
 

@@ -48,9 +48,10 @@ def exports() -> None:
         typer.echo("no dataset version has been built from feedback yet")
     for row in rows:
         ids = sorted(row.feedback_ids)
+        shown = f"{ids}" if len(ids) <= 12 else f"[{', '.join(map(str, ids[:5]))}, ..., {', '.join(map(str, ids[-5:]))}]"
         typer.echo(
             f"export {row.id} at {row.created_at:%Y-%m-%d %H:%M} -> {row.dataset_dir}: "
-            f"{row.num_samples} train samples from feedback ids {ids}"
+            f"{row.num_samples} train samples from {len(ids)} feedback rows {shown}"
         )
 
 

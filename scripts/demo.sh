@@ -44,7 +44,7 @@ for _ in $(seq 180); do
 done
 curl -sf "http://127.0.0.1:$port/readyz" >/dev/null
 
-step "3/6 users send photos and correct the answers"
+step "3/6 users photograph insects in the field, send the photos and correct the answers"
 python scripts/feedback_round.py --url "http://127.0.0.1:$port" --key-file "$key_file"
 
 step "4/6 ingest the feedback into a new dataset version (airflow dags test ingest_feedback)"

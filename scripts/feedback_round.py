@@ -1,8 +1,9 @@
-"""A round of users against the running service, as `make demo` plays it: photograph insects
-(freshly drawn, never seen in training), ask /predict, and tell /feedback the right species
-for every answer (a correction where the model was wrong, a confirmation where it was right).
+"""A round of users against the running service, as `make demo` plays it: photograph insects in
+the field (freshly drawn, on soil and sand in dim light: unlike the lab photos the model trained
+on), ask /predict, and tell /feedback the right species for every answer (a correction where
+the model was wrong, a confirmation where it was right). Prints the model's field top-1.
 
-    python scripts/feedback_round.py --key-file KEY [--url http://127.0.0.1:3000] [--photos 12]
+    python scripts/feedback_round.py --key-file KEY [--url http://127.0.0.1:3000] [--photos 200] [--domain lab]
 
 With a labeler's key the corrections train the next model; with a client's they are suggestions.
 """
@@ -18,18 +19,19 @@ import numpy as np
 import typer
 
 from config import get_settings
-from ml.data.synthetic import render, species_plan
+from ml.data.synthetic import Domain, render, species_plan
 
 
 def main(
     key_file: Annotated[Path, typer.Option(help="a file holding the API key the users send")],
     url: Annotated[str | None, typer.Option(help="service URL")] = None,
-    photos: Annotated[int, typer.Option(help="how many photos the users send")] = 12,
+    photos: Annotated[int, typer.Option(help="how many photos the users send")] = 200,
+    domain: Annotated[Domain, typer.Option(help="field: where users photograph; lab: like the training set")] = "field",
     seed: Annotated[int, typer.Option(help="draws photos unlike the dataset's (seed 0)")] = 2026,
 ) -> None:
     settings = get_settings()
     url = url or f"http://127.0.0.1:{settings.serve.port}"
-    num_classes = settings.synthetic.num_classes
+    num_classes, size = settings.synthetic.num_classes, settings.synthetic.image_size
     rng = np.random.default_rng(seed)
     corrected = 0
     token = key_file.read_text().strip()
@@ -38,19 +40,23 @@ def main(
         for i in range(photos):
             truth = i % num_classes
             photo = Path(tmp) / f"photo_{i}.jpg"
-            render(species_plan(truth, num_classes), settings.synthetic.image_size, rng).save(photo, quality=90)
+            render(species_plan(truth, num_classes), size, rng, domain).save(photo, quality=90)
             answer = client.predict(image=photo)
             receipt = client.feedback(
                 prediction_id=answer["prediction_id"], corrected_label=classes[truth], user_id=f"demo-user-{i % 3}"
             )
             wrong = answer["species"] != classes[truth]
             corrected += wrong
-            typer.echo(
-                f"photo {i:2d}: model v{answer['model']['version']} ({answer['model']['backend']}) said "
-                f"{answer['species']!r} p={answer['probability']:.2f} -> {receipt['kind']} {receipt['feedback_id']} "
-                f"{'CORRECTED to ' + repr(classes[truth]) if wrong else 'confirmed'}"
-            )
-    typer.echo(f"{photos} predictions, {corrected} corrected, {photos - corrected} confirmed")
+            if i < 12:  # the first few in full; the rest are counted
+                typer.echo(
+                    f"photo {i:3d}: model v{answer['model']['version']} ({answer['model']['backend']}) said "
+                    f"{answer['species']!r} p={answer['probability']:.2f} -> {receipt['kind']} {receipt['feedback_id']} "
+                    f"{'CORRECTED to ' + repr(classes[truth]) if wrong else 'confirmed'}"
+                )
+    typer.echo(
+        f"{photos} {domain} photos: {corrected} corrected, {photos - corrected} confirmed; "
+        f"the served model's {domain} top-1 {(photos - corrected) / photos:.3f}"
+    )
 
 
 if __name__ == "__main__":
