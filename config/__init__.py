@@ -54,6 +54,16 @@ class TrainConfig(Section):
     patience: int = 3  # epochs without val improvement before early stopping
     seed: int = 0
     max_steps_per_epoch: int | None = None  # cap for smoke tests
+    # A retrain starts from the champion's trained weights (skipping CoCa pretraining) when the
+    # champion knows the same species, and fine-tunes for `warm_start_epochs`.
+    warm_start: bool = True
+    warm_start_epochs: int = 8
+    # How often a feedback image is drawn per epoch relative to a base image: users' photos are few
+    # and show what the base set lacks.
+    feedback_weight: float = Field(3.0, gt=0.0)
+    # Draw every class equally often (for a long-tailed dataset such as IP102) instead of in
+    # proportion to its images.
+    balance_classes: bool = False
     # Data parallel through the deepspeed launcher: processes on this host (CPU: gloo; GPU: one
     # per device), or a DeepSpeed hostfile (`host slots=N` per line) for several hosts.
     world_size: int = 1

@@ -1,9 +1,10 @@
 """
 ### Retrain the insect classifier
 
-Validate the dataset (Great Expectations) → train CoCa and the species classifier (DeepSpeed)
-→ prune (torch-pruning) → compile (TVM, llvm + cuda) → evaluate against the champion on the
-lab and field slices → register in MLflow (`challenger`; `champion` if the gate finds it better
+Validate the dataset (Great Expectations) → train CoCa and the species classifier (DeepSpeed;
+a retrain fine-tunes the champion's weights, feedback images drawn more often) → prune
+(torch-pruning) → compile (TVM, llvm + cuda) → evaluate against the champion on the lab and field
+slices → register in MLflow (`challenger`; `champion` if the gate finds it better
 beyond noise).
 
 Runs weekly, and whenever the ingest_feedback DAG publishes a new dataset version (the
@@ -55,9 +56,14 @@ def retrain():
 
     @task
     def train(lineage: dict) -> dict:
+        """From the champion's weights when `train.warm_start` (and it knows the same species)."""
         from ml.train import train
+        from registry import champion_weights
 
-        return run_stage(train, "train", lineage)
+        settings = get_settings()
+        warm_dir = settings.stage_dir(lineage["run_id"], "warm_start")
+        warm_start = champion_weights(settings, warm_dir) if settings.train.warm_start else None
+        return run_stage(train, "train", lineage, warm_start=warm_start)
 
     @task
     def prune(lineage: dict, trained: dict) -> dict:

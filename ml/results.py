@@ -13,6 +13,8 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict
 
 RESULT_FILE = "result.json"
+# The train stage's weights in its MLflow run, with their species: what a retrain warm-starts from.
+WARM_START_ARTIFACT = "train/weights.pt"
 
 
 class StageResult(BaseModel):

@@ -25,7 +25,7 @@ from mlflow.models import Model
 from pydantic import BaseModel
 
 from config import GateConfig, Settings
-from ml.results import CompileResult, Evaluation, ValidationSummary
+from ml.results import WARM_START_ARTIFACT, CompileResult, Evaluation, ValidationSummary
 from ml.runtime import PredictFn
 from ml.tracking import RunLog, configure
 from registry.gate import GateDecision, decide
@@ -162,6 +162,22 @@ def champion_predict_fn(settings: Settings) -> PredictFn | None:
     configure(settings)
     served = load_verified(settings.registered_model_name, CHAMPION)
     return None if served is None else served.predict
+
+
+def champion_weights(settings: Settings, dst_dir: Path) -> Path | None:
+    """The trained (unpruned) weights behind the champion, from the run that made it, for a
+    retrain to warm-start from; None before the first champion or when its run kept none."""
+    configure(settings)
+    champion = version_by_alias(settings.registered_model_name, CHAMPION)
+    if champion is None or not champion.run_id:
+        return None
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=champion.run_id, artifact_path=WARM_START_ARTIFACT, dst_path=str(dst_dir)
+        )
+    except (MlflowException, OSError):  # a version registered before runs kept their weights
+        return None
+    return Path(path)
 
 
 def _with_champion_scores(settings: Settings, evaluation: Evaluation, dataset_dir: Path) -> Evaluation:

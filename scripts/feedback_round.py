@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Annotated
 
 import bentoml
-import numpy as np
 import typer
 
 from config import get_settings
-from ml.data.synthetic import Domain, render, species_plan
+from ml.data.synthetic import Domain, user_photos
 
 
 def main(
@@ -32,15 +31,13 @@ def main(
     settings = get_settings()
     url = url or f"http://127.0.0.1:{settings.serve.port}"
     num_classes, size = settings.synthetic.num_classes, settings.synthetic.image_size
-    rng = np.random.default_rng(seed)
     corrected = 0
     token = key_file.read_text().strip()
     with bentoml.SyncHTTPClient(url, timeout=120, token=token) as client, tempfile.TemporaryDirectory() as tmp:
         classes = client.model()["classes"]
-        for i in range(photos):
-            truth = i % num_classes
+        for i, (image, truth) in enumerate(user_photos(num_classes, photos, size, seed, domain)):
             photo = Path(tmp) / f"photo_{i}.jpg"
-            render(species_plan(truth, num_classes), size, rng, domain).save(photo, quality=90)
+            image.save(photo, quality=90)
             answer = client.predict(image=photo)
             receipt = client.feedback(
                 prediction_id=answer["prediction_id"], corrected_label=classes[truth], user_id=f"demo-user-{i % 3}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import colorsys
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -184,12 +185,15 @@ def render(species: BodyPlan, size: int, rng: np.random.Generator, domain: Domai
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
-def field_photos(num_classes: int, per_class: int, size: int, seed: int) -> list[tuple[Image.Image, int]]:
-    """`per_class` field photos of each of the first `num_classes` species, classes interleaved
-    (as users would send them), with their labels: what the demo's users and the tests send."""
+def user_photos(
+    num_classes: int, count: int, size: int, seed: int, domain: Domain = "field"
+) -> Iterator[tuple[Image.Image, int]]:
+    """`count` photos of the first `num_classes` species, classes taking turns (as users would
+    send them), with their labels: what the demo's users, the benchmarks and the tests send."""
     rng = np.random.default_rng(seed)
     plans = [species_plan(label, num_classes) for label in range(num_classes)]
-    return [(render(plans[label], size, rng, "field"), label) for _ in range(per_class) for label in range(num_classes)]
+    for i in range(count):
+        yield render(plans[i % num_classes], size, rng, domain), i % num_classes
 
 
 MARKER = ".synthetic.json"  # the generator's signature in a directory it wrote: its settings

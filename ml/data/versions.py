@@ -128,6 +128,15 @@ def build_version(parent: Path, samples: list[Sample], out: Path, field_share: f
     return VersionSummary(out, added=added, held_out=held, relabelled=relabelled, skipped=skipped)
 
 
+def trained_feedback_files(root: Path) -> set[str]:
+    """Train images of a version that users sent or relabelled (empty for a base dataset)."""
+    samples = root / "samples.csv"
+    if not samples.is_file():
+        return set()
+    with open(samples, newline="") as f:
+        return {row["file"] for row in csv.DictReader(f) if row["split"] == "train"}
+
+
 def _append_samples_csv(parent: Path, out: Path, rows: list[dict]) -> None:
     """`samples.csv`: every sample added since the base dataset, with where it came from."""
     fields = ["source", "sha256", "file", "label", "split"]

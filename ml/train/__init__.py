@@ -6,7 +6,12 @@ the `deepspeed` launcher (`launch`: `ml.train.rank` on every rank, data parallel
 or on GPUs with NCCL, across the hosts of `train.hostfile` when given). Engine settings come from
 `train.deepspeed_config` (ZeRO stage, precision), sizes from `config`; the global batch stays
 `train.batch_size` at any world size. Only rank 0 logs to MLflow and writes the classifier.
-Command line: `python -m ml.train --out-dir D [--dataset-dir DS] [--run-id ID]`.
+
+Given `warm_start` (weights an earlier train stage left, with their species), a retrain on the
+same species skips pretraining and fine-tunes those weights for `train.warm_start_epochs`; with
+other species it starts from scratch. Feedback images are drawn `train.feedback_weight` times as
+often as base images (`classifier.sampling_weights`).
+Command line: `python -m ml.train --out-dir D [--dataset-dir DS] [--run-id ID] [--warm-start W]`.
 """
 
 from __future__ import annotations
@@ -18,43 +23,63 @@ import torch
 
 from config import Settings
 from ml.data import read_classes
-from ml.model import SpeciesClassifier
-from ml.results import TrainResult
+from ml.model import SpeciesClassifier, build_coca
+from ml.results import WARM_START_ARTIFACT, TrainResult
 from ml.tracking import NO_RUN, RunLog
 from ml.train.classifier import finetune_classifier
 from ml.train.coca import pretrain_coca
 from ml.train.engine import is_rank0, seed_everything
 
 
-def train(settings: Settings, *, dataset_dir: Path, out_dir: Path, run: RunLog = NO_RUN) -> TrainResult:
+def train(
+    settings: Settings, *, dataset_dir: Path, out_dir: Path, run: RunLog = NO_RUN, warm_start: Path | None = None
+) -> TrainResult:
     """Both training stages on the dataset at `dataset_dir`, here or through the deepspeed
-    launcher; checkpoints and the classifier (`classifier.pt`) go to `out_dir`."""
+    launcher; checkpoints, the classifier (`classifier.pt`) and its weights go to `out_dir`."""
     if settings.train.world_size == 1 and settings.train.hostfile is None:
-        return train_here(settings, dataset_dir=dataset_dir, out_dir=out_dir, run=run)
+        return train_here(settings, dataset_dir=dataset_dir, out_dir=out_dir, run=run, warm_start=warm_start)
     from ml.train.launch import launch
 
-    return launch(settings, dataset_dir=dataset_dir, out_dir=out_dir, run=run)
+    return launch(settings, dataset_dir=dataset_dir, out_dir=out_dir, run=run, warm_start=warm_start)
 
 
-def train_here(settings: Settings, *, dataset_dir: Path, out_dir: Path, run: RunLog = NO_RUN) -> TrainResult:
+def warm_classifier(model_name: str, classes: list[str], weights_path: Path) -> SpeciesClassifier | None:
+    """The classifier an earlier train stage saved, or None when it knew other species."""
+    saved = torch.load(weights_path, weights_only=True)  # tensors, strings and lists: no pickled code
+    if saved["classes"] != classes:
+        return None
+    classifier = SpeciesClassifier.from_coca(build_coca(model_name), classes)
+    classifier.load_state_dict(saved["state_dict"])
+    return classifier
+
+
+def train_here(
+    settings: Settings, *, dataset_dir: Path, out_dir: Path, run: RunLog = NO_RUN, warm_start: Path | None = None
+) -> TrainResult:
     """This process's part of `train`: all of it, or one rank's under the launcher."""
     run = run if is_rank0() else NO_RUN  # the other ranks would log every metric again
-    seed_everything(settings.train.seed)
+    cfg = settings.train
+    seed_everything(cfg.seed)
     local_processes = int(os.environ.get("LOCAL_SIZE", "1"))  # set by the launcher
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
     out_dir.mkdir(parents=True, exist_ok=True)
-    run.params({"model": settings.model.name, **{f"train.{k}": v for k, v in settings.train.model_dump().items()}})
-    run.artifact(settings.train.deepspeed_config)
-    checkpoints = out_dir / "checkpoints"
-    coca = pretrain_coca(settings, dataset_dir, checkpoints, run)
-    classifier = SpeciesClassifier.from_coca(coca, read_classes(dataset_dir))
-    cfg = settings.train
-    val_top1, epochs = finetune_classifier(
-        classifier, dataset_dir, cfg, epochs=cfg.finetune_epochs, stage="classifier", checkpoint_dir=checkpoints, run=run
+    run.params({"model": settings.model.name, **{f"train.{k}": v for k, v in cfg.model_dump().items()}})
+    run.artifact(cfg.deepspeed_config)
+    checkpoints, classes = out_dir / "checkpoints", read_classes(dataset_dir)
+    classifier = warm_classifier(settings.model.name, classes, warm_start) if warm_start else None
+    run.params({"train.started_from": "champion" if classifier else "scratch"})
+    epochs = cfg.warm_start_epochs if classifier else cfg.finetune_epochs
+    if classifier is None:
+        classifier = SpeciesClassifier.from_coca(pretrain_coca(settings, dataset_dir, checkpoints, run), classes)
+    val_top1, epochs_run = finetune_classifier(
+        classifier, dataset_dir, cfg, epochs=epochs, stage="classifier", checkpoint_dir=checkpoints, run=run
     )
     run.metrics({"val_top1": val_top1})
-    result = TrainResult(model_path=out_dir / "classifier.pt", val_top1=val_top1, epochs_run=epochs)
+    result = TrainResult(model_path=out_dir / "classifier.pt", val_top1=val_top1, epochs_run=epochs_run)
     if is_rank0():
         torch.save(classifier, result.model_path)
+        weights = out_dir / Path(WARM_START_ARTIFACT).name
+        torch.save({"classes": classes, "state_dict": classifier.state_dict()}, weights)
+        run.artifact(weights, str(Path(WARM_START_ARTIFACT).parent))
         result.save(out_dir)
     return result

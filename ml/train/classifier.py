@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from config import TrainConfig
 from ml.data import IP102Dataset, train_transform
+from ml.data.versions import trained_feedback_files
 from ml.evaluate import classification_metrics, collect_logits
 from ml.model import SpeciesClassifier
 from ml.runtime import eager_predict_fn
@@ -31,6 +32,17 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     )
 
 
+def sampling_weights(dataset: IP102Dataset, cfg: TrainConfig) -> torch.Tensor | None:
+    """How often each train image is drawn: users' images `feedback_weight` times as often as
+    base images and, with `balance_classes`, every class as often as any other. None: uniformly."""
+    feedback = trained_feedback_files(dataset.root)
+    labels = torch.tensor([label for _, label in dataset.items])
+    weights = torch.tensor([cfg.feedback_weight if name in feedback else 1.0 for name, _ in dataset.items])
+    if cfg.balance_classes:
+        weights /= torch.zeros(len(dataset.classes)).index_add_(0, labels, weights)[labels]
+    return None if torch.all(weights == weights[0]) else weights
+
+
 def finetune_classifier(
     model: SpeciesClassifier,
     dataset_dir: Path,
@@ -44,7 +56,8 @@ def finetune_classifier(
 ) -> tuple[float, int]:
     """Cross-entropy fine-tuning on the species labels (plus distillation from `teacher` when
     given), early-stopped on validation top-1."""
-    loader = shard_loader(IP102Dataset(dataset_dir, "train", train_transform(model.image_size)), cfg)
+    images = IP102Dataset(dataset_dir, "train", train_transform(model.image_size))
+    loader = shard_loader(images, cfg, weights=sampling_weights(images, cfg))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
     def loss_fn(engine, batch):

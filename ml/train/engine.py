@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from config import TrainConfig
@@ -65,12 +65,36 @@ def mean_over_ranks(value: float) -> float:
     return total.item() / dist.get_world_size()
 
 
-def shard_loader(dataset: Dataset, cfg: TrainConfig, **kwargs) -> DataLoader:
+class WeightedShardSampler(Sampler[int]):
+    """DistributedSampler's contract with images drawn in proportion to `weights` (with
+    replacement, as many as the dataset holds per epoch): every rank draws the same seeded
+    sequence for an epoch and takes every `num_replicas`-th index of it."""
+
+    def __init__(self, weights: torch.Tensor, num_replicas: int, rank: int, seed: int):
+        self.weights, self.num_replicas, self.rank, self.seed, self.epoch = weights, num_replicas, rank, seed, 0
+        self.num_samples = len(weights) // num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        drawn = torch.multinomial(self.weights, self.num_samples * self.num_replicas, replacement=True, generator=generator)
+        return iter(drawn[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def shard_loader(dataset: Dataset, cfg: TrainConfig, weights: torch.Tensor | None = None, **kwargs) -> DataLoader:
     """Shuffled batches of this rank's shard, batch_size / world_size each. At any world size the
     ranks' batches together hold the images one process would batch at that step: the sampler
-    deals out one seeded permutation round-robin."""
+    deals out one seeded permutation (or weighted draw, given `weights`) round-robin."""
     world = world_size()
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank(), seed=cfg.seed, drop_last=True)
+    if weights is None:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank(), seed=cfg.seed, drop_last=True)
+    else:
+        sampler = WeightedShardSampler(weights, num_replicas=world, rank=rank(), seed=cfg.seed)
     return DataLoader(dataset, batch_size=max(1, cfg.batch_size // world), sampler=sampler, drop_last=True, **kwargs)
 
 

@@ -16,7 +16,7 @@ from ml.results import TrainResult
 from ml.tracking import RunLog
 
 
-def launch(settings: Settings, *, dataset_dir: Path, out_dir: Path, run: RunLog) -> TrainResult:
+def launch(settings: Settings, *, dataset_dir: Path, out_dir: Path, run: RunLog, warm_start: Path | None) -> TrainResult:
     """`deepspeed [--hostfile H | --num_gpus N] --module ml.train.rank`: rank 0 logs into `run`
     and leaves result.json next to the classifier."""
     cfg = settings.train
@@ -26,6 +26,7 @@ def launch(settings: Settings, *, dataset_dir: Path, out_dir: Path, run: RunLog)
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     command = [deepspeed, *hosts, "--master_port", str(cfg.master_port), "--no_local_rank", "--module", "ml.train.rank"]
     command += [str(dataset_dir), str(out_dir), str(settings_file), *(["--run-id", run.run_id] if run.run_id else [])]
+    command += ["--warm-start", str(warm_start)] if warm_start else []
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     if run.tracking_uri:
         env["MLFLOW_TRACKING_URI"] = run.tracking_uri

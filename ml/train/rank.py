@@ -35,9 +35,10 @@ def main(
     out_dir: Annotated[Path, typer.Argument(help="checkpoints and the classifier go here")],
     settings_json: Annotated[Path, typer.Argument(help="the launching process's settings")],
     run_id: Annotated[str | None, typer.Option(help="the MLflow run rank 0 logs into")] = None,
+    warm_start: Annotated[Path | None, typer.Option(help="weights to start from")] = None,
 ) -> None:
     settings = Settings.model_validate_json(settings_json.read_text())
-    train_here(settings, dataset_dir=dataset_dir, out_dir=out_dir, run=RunLog.of(settings, run_id))
+    train_here(settings, dataset_dir=dataset_dir, out_dir=out_dir, run=RunLog.of(settings, run_id), warm_start=warm_start)
     shut_down()
 
 

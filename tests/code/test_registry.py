@@ -17,6 +17,7 @@ from registry import (
     CHALLENGER,
     CHAMPION,
     ChecksumError,
+    champion_weights,
     gate,
     load_verified,
     promote,
@@ -26,7 +27,7 @@ from registry import (
     version_by_alias,
 )
 from registry.__main__ import app
-from tests.support import answers
+from tests.support import answers, register_tiny_model
 
 CLASSES = ["a", "b", "c"]
 
@@ -88,6 +89,19 @@ def test_champion_kept_when_challenger_is_worse(settings, artifacts):
 def test_no_champion_is_none(settings):
     mlflow.set_tracking_uri(settings.tracking_uri)
     assert version_by_alias("nothing-here", CHAMPION) is None
+
+
+def test_a_retrain_warm_starts_from_the_weights_of_the_run_that_made_the_champion(settings, tmp_path):
+    assert champion_weights(settings, tmp_path / "none") is None  # no champion yet
+    version = register_tiny_model(read_classes(settings.base_dataset_dir), seed=0)
+    assert champion_weights(settings, tmp_path / "kept-none") is None  # its run kept no weights
+    run_id = MlflowClient().get_model_version(settings.registered_model_name, version).run_id
+    saved = tmp_path / "weights.pt"
+    torch.save({"classes": ["a"], "state_dict": {}}, saved)
+    RunLog.of(settings, run_id).artifact(saved, "train")
+    downloaded = champion_weights(settings, tmp_path / "warm")
+    assert downloaded.is_relative_to(tmp_path / "warm")
+    assert torch.load(downloaded, weights_only=True)["classes"] == ["a"]
 
 
 def test_list_shows_aliases_and_promote_moves_champion(settings, artifacts):

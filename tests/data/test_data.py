@@ -12,7 +12,7 @@ from PIL import Image
 from config import REPO_ROOT, SyntheticDataConfig
 from ml.data import SPLITS, IP102Dataset, all_captions, dataset_digest, manifest, read_classes, read_split
 from ml.data.ip102 import FIELD_SPLIT
-from ml.data.synthetic import MARKER, field_photos, generate_synthetic, species_plan
+from ml.data.synthetic import MARKER, generate_synthetic, species_plan, user_photos
 from ml.data.versions import Sample, build_version, in_field_holdout
 from ml.evaluate import evaluation_slices
 from tests.support import TINY_ENV
@@ -117,21 +117,21 @@ def test_regenerating_redraws_beside_so_hard_linked_versions_keep_their_images(t
 
 def test_field_photos_differ_from_the_lab_where_users_differ_smaller_dimmer_on_the_ground(tiny_dataset):
     lab = [np.asarray(Image.open(tiny_dataset / "images" / name), np.float32) for name, _ in read_split(tiny_dataset, "train")]
-    field = [np.asarray(image, np.float32) for image, _ in field_photos(num_classes=4, per_class=6, size=64, seed=1)]
+    field = [np.asarray(image, np.float32) for image, _ in user_photos(num_classes=4, count=24, size=64, seed=1)]
     assert np.mean([image.mean() for image in field]) < 0.85 * np.mean([image.mean() for image in lab])  # dimmer
     greenness = (
         [np.mean(image[..., 1] - image[..., 2]) for image in lab],
         [np.mean(image[..., 1] - image[..., 2]) for image in field],
     )
     assert np.mean(greenness[1]) < np.mean(greenness[0])  # soil and sand, not leaves
-    assert [label for _, label in field_photos(4, 2, 64, seed=1)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert [label for _, label in user_photos(4, 8, 64, seed=1)] == [0, 1, 2, 3, 0, 1, 2, 3]
 
 
 def _samples(count: int, label: str) -> list[Sample]:
     photos = []
     for i in range(count):
         out = io.BytesIO()
-        field_photos(1, 1, 32, seed=i)[0][0].save(out, format="JPEG")
+        next(user_photos(1, 1, 32, seed=i))[0].save(out, format="JPEG")
         data = out.getvalue()
         photos.append(Sample(hashlib.sha256(data).hexdigest(), label, data, f"feedback:{i}"))
     return photos

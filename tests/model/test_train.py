@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from config import SyntheticDataConfig
-from ml.data import read_classes
+from ml.data import IP102Dataset, read_classes
 from ml.data.synthetic import generate_synthetic
 from ml.evaluate import score
 from ml.model import SpeciesClassifier, build_coca, load_classifier
 from ml.runtime import eager_predict_fn
 from ml.tracking import RunLog
-from ml.train import train
-from ml.train.classifier import finetune_classifier
+from ml.train import train, warm_classifier
+from ml.train.classifier import finetune_classifier, sampling_weights
+from ml.train.engine import WeightedShardSampler
 from tests.support import free_port
 
 DISTRIBUTED_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
@@ -92,6 +93,40 @@ def test_zero3_shards_train_into_a_whole_classifier(settings, tmp_path):
     assert trained(torch.zeros(1, 3, trained.image_size, trained.image_size)).shape == (1, len(trained.classes))
 
 
+def _train_split(root: Path, labels: list[int], feedback: list[int]) -> IP102Dataset:
+    root.mkdir()
+    (root / "classes.txt").write_text("a\nb\n")
+    (root / "train.txt").write_text("".join(f"{i}.jpg {label}\n" for i, label in enumerate(labels)))
+    rows = "".join(f"feedback:{i},x,{i}.jpg,a,train\n" for i in feedback)
+    (root / "samples.csv").write_text("source,sha256,file,label,split\n" + rows)
+    return IP102Dataset(root, "train")
+
+
+def test_feedback_images_are_drawn_more_often_and_each_class_equally_when_balanced(settings, tmp_path):
+    images = _train_split(tmp_path / "ds", labels=[0] * 6 + [1] * 2, feedback=[6])
+    assert sampling_weights(_train_split(tmp_path / "base", [0, 0, 1], []), settings.train) is None  # uniform
+    weights = sampling_weights(images, settings.train.model_copy(update={"feedback_weight": 3.0}))
+    assert weights.tolist() == [1.0] * 6 + [3.0, 1.0]
+    balanced = sampling_weights(images, settings.train.model_copy(update={"feedback_weight": 3.0, "balance_classes": True}))
+    assert balanced[:6].sum() == pytest.approx(balanced[6:].sum())  # each class half the draws
+    assert balanced[6] == pytest.approx(3 * balanced[7])
+
+
+def test_weighted_draws_follow_the_weights_and_ranks_share_one_draw():
+    weights = torch.tensor([1.0, 1.0, 6.0, 0.0])
+    alone = WeightedShardSampler(weights, num_replicas=1, rank=0, seed=3)
+    ranks = [WeightedShardSampler(weights, num_replicas=2, rank=r, seed=3) for r in (0, 1)]
+    drawn = []
+    for epoch in range(200):
+        for sampler in (alone, *ranks):
+            sampler.set_epoch(epoch)
+        one = list(alone)
+        assert sorted(one) == sorted(list(ranks[0]) + list(ranks[1]))  # the same images at any world size
+        drawn += one
+    counts = np.bincount(drawn, minlength=4) / len(drawn)
+    assert counts[3] == 0 and counts[2] == pytest.approx(0.75, abs=0.03)
+
+
 @pytest.mark.slow
 def test_training_learns_well_above_chance_and_the_same_seed_gives_the_same_weights(settings, tmp_path):
     """A training bug that leaves the model at chance (0.25 here) fails this; so does hidden
@@ -106,3 +141,13 @@ def test_training_learns_well_above_chance_and_the_same_seed_gives_the_same_weig
     assert lab.metrics["top1"] >= MIN_TINY_TOP1
     weights, weights_again = model.state_dict(), load_classifier(again.model_path).state_dict()
     assert all(torch.equal(weights[key], weights_again[key]) for key in weights)
+
+    # a retrain from these weights skips pretraining and keeps what they knew
+    weights_file = first.model_path.with_name("weights.pt")
+    warm_cfg = cfg.model_copy(update={"warm_start_epochs": 2})
+    warm_settings = seeded.model_copy(update={"train": warm_cfg})
+    warm = train(warm_settings, dataset_dir=dataset, out_dir=tmp_path / "warm", warm_start=weights_file)
+    assert not (tmp_path / "warm" / "checkpoints" / "coca-best").exists() and warm.epochs_run == 2
+    warm_model = load_classifier(warm.model_path)
+    assert score(eager_predict_fn(warm_model), dataset, model.classes, model.image_size)["lab"].metrics["top1"] >= MIN_TINY_TOP1
+    assert warm_classifier("coca_tiny", ["other", "species"], weights_file) is None  # other species: from scratch
