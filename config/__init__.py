@@ -100,6 +100,17 @@ class GateConfig(Section):
     bootstrap_samples: int = 2000
 
 
+class DriftConfig(Section):
+    """The drift watch (dags/drift_watch.py): the champion's outputs on the newest predictions
+    against its outputs on lab images it never trained on (ml/drift.py; README: "Drift")."""
+
+    window: int = 200  # newest predictions compared
+    min_predictions: int = 30  # fewer make no test worth running
+    alpha: float = 0.01  # drift when the permutation p-value is below this
+    permutations: int = 1000
+    schedule: str = "@daily"
+
+
 class FeedbackConfig(Section):
     """Where user feedback lands. Unset URLs mean the embedded defaults: a PostgreSQL cluster the
     project starts under the data directory, and images as files under the data directory."""
@@ -180,6 +191,7 @@ class Settings(BaseSettings):
     prune: PruneConfig = PruneConfig()
     compile: CompileConfig = CompileConfig()
     gate: GateConfig = GateConfig()
+    drift: DriftConfig = DriftConfig()
     feedback: FeedbackConfig = FeedbackConfig()
     serve: ServeConfig = ServeConfig()
     stack: StackConfig = StackConfig()

@@ -14,6 +14,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from sqlalchemy.dialects import postgresql
 
 from config import Settings
 from feedback import postgres
@@ -65,6 +66,17 @@ feedback = sa.Table(
     sa.Column("quarantine_reason", sa.Text),  # why an ingest refused it; it waits for nobody then
     # the hourly count of pending feedback reads this index, not the table
     sa.Index("ix_feedback_pending", "id", postgresql_where=sa.text("export_id IS NULL")),
+)
+# The newest drift watch's score of each prediction it looked at (ml/drift.py: the MMD witness;
+# higher is less like the training set), and whether that window drifted as a whole.
+drift_scores = sa.Table(
+    "drift_scores",
+    metadata,
+    sa.Column("prediction_id", sa.String(36), sa.ForeignKey("predictions.id"), primary_key=True),
+    sa.Column("scored_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+    sa.Column("run_id", sa.Text, nullable=False),  # the MLflow run of the watch
+    sa.Column("witness", sa.Float, nullable=False),
+    sa.Column("drifted", sa.Boolean, nullable=False),
 )
 
 api_keys = sa.Table(
@@ -177,3 +189,33 @@ def mark_exported(db: sa.Engine, feedback_ids: list[int], dataset_dir: Path, num
         ).scalar_one()
         conn.execute(feedback.update().where(feedback.c.id.in_(feedback_ids)).values(export_id=export_id))
     return export_id
+
+
+def recent_predictions(db: sa.Engine, limit: int) -> list[sa.Row]:
+    """The newest `limit` predictions, newest first."""
+    query = sa.select(predictions).order_by(predictions.c.created_at.desc(), predictions.c.id).limit(limit)
+    with db.connect() as conn:
+        return list(conn.execute(query))
+
+
+def record_drift(db: sa.Engine, run_id: str, witness: dict[str, float], drifted: bool) -> None:
+    """Each prediction's newest drift score (a later watch overwrites an earlier one's)."""
+    if not witness:
+        return
+    rows = [{"prediction_id": key, "run_id": run_id, "witness": value, "drifted": drifted} for key, value in witness.items()]
+    insert = postgresql.insert(drift_scores).values(rows)
+    newest = {column: insert.excluded[column] for column in ("run_id", "witness", "drifted")}
+    with db.begin() as conn:
+        conn.execute(insert.on_conflict_do_update(index_elements=["prediction_id"], set_={**newest, "scored_at": sa.func.now()}))
+
+
+def most_drifted(db: sa.Engine, limit: int) -> list[sa.Row]:
+    """Predictions by drift score, least like the training set first: the labelers' order."""
+    query = (
+        sa.select(predictions.c.id, predictions.c.image_key, drift_scores.c.witness, drift_scores.c.drifted)
+        .join(drift_scores, drift_scores.c.prediction_id == predictions.c.id)
+        .order_by(drift_scores.c.witness.desc())
+        .limit(limit)
+    )
+    with db.connect() as conn:
+        return list(conn.execute(query))

@@ -42,7 +42,7 @@ def test_parsing_the_dags_opens_no_database_or_network_connection():
         [sys.executable, "-c", PARSE_WITHOUT_CONNECTIONS, str(DAGS)], capture_output=True, text=True, check=False, env=os.environ
     )
     assert parsed.returncode == 0, parsed.stdout[-3000:] + parsed.stderr[-3000:]
-    assert "['ingest_feedback', 'retrain']" in parsed.stdout
+    assert "['drift_watch', 'ingest_feedback', 'retrain']" in parsed.stdout
 
 
 def test_retrain_dag_runs_on_a_cron_and_on_new_dataset_versions():
@@ -61,6 +61,16 @@ def test_ingest_dag_publishes_the_dataset_asset_only_after_validation():
     assert all(dag.get_task(task).upstream_task_ids == {before} for before, task in pairwise(order))
     publish = dag.get_task("publish_version")
     assert [outlet.name for outlet in publish.outlets] == [TRAINING_DATASET.name]
+
+
+def test_drift_watch_runs_on_its_configured_schedule(monkeypatch):
+    monkeypatch.setenv("INSECT_DRIFT__SCHEDULE", "0 6 * * *")
+    get_settings.cache_clear()
+    try:
+        dag = _bag().dags.get("drift_watch")
+    finally:
+        get_settings.cache_clear()
+    assert dag.task_ids == ["check_drift"] and dag.timetable.expression == "0 6 * * *"
 
 
 def test_every_task_retries_with_a_growing_delay():

@@ -1,5 +1,7 @@
 """The DAGs end to end through `airflow dags test`, as `make demo` runs them."""
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -16,9 +18,11 @@ from config import REPO_ROOT
 from config.airflow import airflow_environment
 from dags.assets import TRAINING_DATASET
 from feedback import db
+from feedback.images import image_key, image_store
 from ml.data import read_classes, read_split
+from ml.data.synthetic import user_photos
 from registry import CHAMPION
-from tests.support import photo_bytes, post_feedback
+from tests.support import photo_bytes, post_feedback, register_tiny_model
 
 
 def _airflow(args: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -87,3 +91,40 @@ def test_retrain_dag_registers_a_champion_trained_on_the_dataset_the_run_names(s
     assert champion.tags["dataset_dir"] == str(settings.base_dataset_dir)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{settings.registered_model_name}/{champion.version}"))
     assert {"model.pt2", "model_llvm_b1.so"} <= {p.name for p in (local / "artifacts").iterdir()}
+
+
+@pytest.mark.slow
+def test_drift_watch_dag_tests_the_newest_predictions_logs_to_mlflow_and_ranks_them(live_settings, tmp_path):
+    settings = live_settings
+    classes = read_classes(settings.base_dataset_dir)
+    register_tiny_model(classes, seed=0)
+    store, engine = image_store(settings), db.engine(settings)
+    predicted = []
+    for image, _ in user_photos(len(classes), 24, 64, seed=5):
+        out = io.BytesIO()
+        image.save(out, format="JPEG")
+        sha = hashlib.sha256(out.getvalue()).hexdigest()
+        key = image_key(settings.feedback.s3_prefix, sha, ".jpg")
+        store.put(key, out.getvalue(), "image/jpeg")
+        columns = {"model_name": "m", "model_version": "1", "backend": "eager", "label": classes[0], "probability": 0.5}
+        predicted.append(db.record_prediction(engine, **columns, image_sha256=sha, image_key=key))
+    env = {
+        **_airflow_env(settings, tmp_path),
+        "INSECT_FEEDBACK__DATABASE_URL": settings.feedback.database_url,
+        "INSECT_FEEDBACK__S3_BUCKET": settings.feedback.s3_bucket,
+        "INSECT_FEEDBACK__S3_ENDPOINT_URL": settings.feedback.s3_endpoint_url,
+        "INSECT_DRIFT__WINDOW": "24",
+        "INSECT_DRIFT__MIN_PREDICTIONS": "10",
+    }
+    result = _airflow(["dags", "test", "drift_watch"], env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    assert "drift: users' photos" in (result.stdout + result.stderr).lower()
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    [run] = mlflow.search_runs(
+        experiment_names=[settings.experiment_name], filter_string="run_name = 'drift-watch'", output_format="list"
+    )
+    assert 0 < run.data.metrics["drift_p_value"] <= 1 and run.data.metrics["drift_mmd2"] >= 0
+    ranked = db.most_drifted(engine, 100)
+    assert {row.id for row in ranked} == set(predicted)
+    assert [row.witness for row in ranked] == sorted((row.witness for row in ranked), reverse=True)

@@ -1,0 +1,66 @@
+"""The drift watch: do users' photos still look like what the champion was trained for?
+
+The champion, loaded and checked as the service loads it, scores the images of the newest
+`drift.window` predictions and the current dataset's lab images it never trained on; the MMD
+test of ml/drift.py compares the two. MMD² and the p-value go to MLflow, each prediction's
+witness score to PostgreSQL (`drift_scores`), where labelers find the least familiar images first.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from config import Settings
+from feedback import db
+from feedback.images import image_store
+from ml.data.versions import current_dataset
+from ml.drift import mmd_test, reference_logits
+from ml.tracking import RunLog, configure
+from registry import CHAMPION, load_verified
+from registry.pyfunc import preprocess
+
+log = logging.getLogger(__name__)
+BATCH = 64
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    model_version: str
+    predictions: int  # images compared with the reference
+    reference: int
+    mmd2: float
+    p_value: float
+    drifted: bool
+
+
+def watch(settings: Settings, run: RunLog) -> DriftReport | None:
+    """Test the newest predictions for drift; None (and why, in the log) when there is nothing to test."""
+    cfg, engine = settings.drift, db.engine(settings)
+    rows = db.recent_predictions(engine, cfg.window)
+    configure(settings)
+    champion = load_verified(settings.registered_model_name, CHAMPION)
+    if champion is None or len(rows) < cfg.min_predictions:
+        log.info("no drift test: %d predictions (%d needed), champion %s", len(rows), cfg.min_predictions, champion)
+        return None
+    store, size = image_store(settings), champion.model.image_size
+    images = {row.id: data for row in rows if (data := store.get(row.image_key)) is not None}
+    pixels = np.stack([preprocess(Image.open(io.BytesIO(data)), size) for data in images.values()])
+    current = np.concatenate([champion.predict(pixels[i : i + BATCH]) for i in range(0, len(pixels), BATCH)])
+    reference = reference_logits(champion.predict, current_dataset(settings), size)
+    test = mmd_test(reference, current, cfg.permutations)
+    report = DriftReport(champion.version, len(current), len(reference), test.mmd2, test.p_value, test.drifted(cfg.alpha))
+    run.params({"drift.model_version": report.model_version, "drift.window": cfg.window, "drift.alpha": cfg.alpha})
+    run.metrics({"drift_mmd2": report.mmd2, "drift_p_value": report.p_value, "drifted": float(report.drifted)})
+    db.record_drift(engine, run.run_id or "", dict(zip(images, test.witness.tolist(), strict=True)), report.drifted)
+    verdict = "DRIFT: users' photos differ from" if report.drifted else "no drift: users' photos are like"
+    log.warning(
+        "%s the lab images (MMD² %.4f, p = %.4f, alpha %s) over the newest %d predictions of v%s; labelers see them "
+        "least familiar first",
+        verdict, report.mmd2, report.p_value, cfg.alpha, report.predictions, report.model_version,
+    )  # fmt: skip
+    return report
