@@ -23,11 +23,11 @@ from dags.defaults import dag_arguments
 def drift_watch():
     @task
     def check_drift() -> dict | None:
-        from feedback.drift import watch
+        from feedback.drift import RUN_NAME, watch
         from ml.tracking import RunLog
 
         settings = get_settings()
-        with RunLog.start(settings, run_name="drift-watch").recording() as run:
+        with RunLog.start(settings, run_name=RUN_NAME).recording() as run:
             report = watch(settings, run)
         return None if report is None else asdict(report)
 

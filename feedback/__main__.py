@@ -65,6 +65,25 @@ def quarantined() -> None:
         typer.echo(f"feedback {row.id} ({row.corrected_label!r}, from {row.submitted_by or '-'}): {row.quarantine_reason}")
 
 
+@app.command()
+def drift(top: Annotated[int, typer.Option(help="how many of the least familiar predictions to list")] = 5) -> None:
+    """The newest drift watch's verdict and the predictions it found least like the training set."""
+    from feedback.drift import latest_report
+
+    settings = get_settings()
+    report = latest_report(settings)
+    if report is None:
+        typer.echo("no drift watch has tested predictions yet: run `airflow dags test drift_watch`")
+        raise typer.Exit(1)
+    verdict = "DRIFT" if report.drifted else "no drift"
+    typer.echo(
+        f"{verdict}: champion v{report.model_version} on the newest {report.predictions} predictions vs "
+        f"{report.reference} lab images: MMD² {report.mmd2:.4f}, p = {report.p_value:.4f} (alpha {settings.drift.alpha})"
+    )
+    for row in db.most_drifted(db.engine(settings), top):
+        typer.echo(f"  witness {row.witness:+.4f}  prediction {row.id}  {row.image_key}")
+
+
 @keys_app.command("create")
 def create_key(
     name: Annotated[str, typer.Option(help="who holds it (unique)")],

@@ -26,6 +26,7 @@ from registry.pyfunc import preprocess
 
 log = logging.getLogger(__name__)
 BATCH = 64
+RUN_NAME = "drift-watch"  # every watch's MLflow run
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,15 @@ def watch(settings: Settings, run: RunLog) -> DriftReport | None:
     test = mmd_test(reference, current, cfg.permutations)
     report = DriftReport(champion.version, len(current), len(reference), test.mmd2, test.p_value, test.drifted(cfg.alpha))
     run.params({"drift.model_version": report.model_version, "drift.window": cfg.window, "drift.alpha": cfg.alpha})
-    run.metrics({"drift_mmd2": report.mmd2, "drift_p_value": report.p_value, "drifted": float(report.drifted)})
+    run.metrics(
+        {
+            "drift_mmd2": report.mmd2,
+            "drift_p_value": report.p_value,
+            "drifted": float(report.drifted),
+            "drift_predictions": report.predictions,
+            "drift_reference": report.reference,
+        }
+    )
     db.record_drift(engine, run.run_id or "", dict(zip(images, test.witness.tolist(), strict=True)), report.drifted)
     verdict = "DRIFT: users' photos differ from" if report.drifted else "no drift: users' photos are like"
     log.warning(
@@ -64,3 +73,28 @@ def watch(settings: Settings, run: RunLog) -> DriftReport | None:
         verdict, report.mmd2, report.p_value, cfg.alpha, report.predictions, report.model_version,
     )  # fmt: skip
     return report
+
+
+def latest_report(settings: Settings) -> DriftReport | None:
+    """The newest watch that tested predictions, read back from its MLflow run."""
+    import mlflow
+
+    configure(settings)
+    runs = mlflow.search_runs(
+        experiment_names=[settings.experiment_name],
+        filter_string=f"run_name = '{RUN_NAME}' and metrics.drift_p_value >= 0",
+        order_by=["start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    if not runs:
+        return None
+    metrics, params = runs[0].data.metrics, runs[0].data.params
+    return DriftReport(
+        model_version=params["drift.model_version"],
+        predictions=int(metrics["drift_predictions"]),
+        reference=int(metrics["drift_reference"]),
+        mmd2=metrics["drift_mmd2"],
+        p_value=metrics["drift_p_value"],
+        drifted=bool(metrics["drifted"]),
+    )

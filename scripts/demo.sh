@@ -25,13 +25,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step "1/6 retrain on the base dataset (airflow dags test retrain)"
+step "1/7 retrain on the base dataset (airflow dags test retrain)"
 logged airflow-db airflow db migrate
 base=$(python -c "from config import get_settings; print(get_settings().base_dataset_dir)")
 logged retrain-1 airflow dags test retrain -c "{\"dataset_dir\": \"$base\"}"   # the base, whatever an earlier demo published
 python -m registry list
 
-step "2/6 serve the champion (bentoml serve, 127.0.0.1:$port)"
+step "2/7 serve the champion (bentoml serve, 127.0.0.1:$port)"
 python -m feedback up
 key_file=$(python -c "from config import get_settings; print(get_settings().data_dir / 'keys' / 'demo-labeler.key')")
 python -m feedback keys create --name demo-labeler --role labeler --out "$key_file"
@@ -44,17 +44,21 @@ for _ in $(seq 180); do
 done
 curl -sf "http://127.0.0.1:$port/readyz" >/dev/null
 
-step "3/6 users photograph insects in the field, send the photos and correct the answers"
+step "3/7 users photograph insects in the field, send the photos and correct the answers"
 python scripts/feedback_round.py --url "http://127.0.0.1:$port" --key-file "$key_file"
 
-step "4/6 ingest the feedback into a new dataset version (airflow dags test ingest_feedback)"
+step "4/7 does the platform notice? (airflow dags test drift_watch)"
+logged drift airflow dags test drift_watch
+python -m feedback drift
+
+step "5/7 ingest the feedback into a new dataset version (airflow dags test ingest_feedback)"
 logged ingest airflow dags test ingest_feedback
 python -m feedback exports
 
-step "5/6 retrain on the new dataset version"
+step "6/7 retrain on the new dataset version, from the champion's weights"
 logged retrain-2 airflow dags test retrain
 
-step "6/6 the trail: feedback -> dataset version -> model version"
+step "7/7 the trail: feedback -> dataset version -> model version"
 python -m feedback exports
 python -m registry summary
 echo "demo wall time: $(( $(date +%s) - start )) s"

@@ -1,9 +1,13 @@
 """The benchmark's measurements and report (the full run is `python -m benchmarks`)."""
 
+import json
+
 import mlflow
 import numpy as np
+import pytest
 import torch
 
+from benchmarks import learning
 from benchmarks.__main__ import pruned_top1_by_seed
 from benchmarks.measure import Timing, peak_rss_during, time_calls, time_interleaved
 from benchmarks.report import write_report
@@ -74,3 +78,19 @@ def test_pruning_again_per_seed_scores_each_seed_and_logs_nothing(settings, tmp_
     top1 = pruned_top1_by_seed(tmp_path, settings.base_dataset_dir, settings, [0, 1])
     assert set(top1) == {0, 1} and all(0.0 <= score <= 1.0 for score in top1.values())
     assert not (tmp_path / "mine.db").exists() and mlflow.active_run() is None  # a stage without a run logs nowhere
+
+
+@pytest.mark.slow
+def test_learning_benchmark_runs_rounds_gates_each_and_reports_what_it_measured(settings, tmp_path):
+    """A smoke version of `python -m benchmarks.learning` on the tiny dataset and model."""
+    learning.main(work_dir=tmp_path / "work", report_dir=tmp_path / "report", round_sizes=[8, 8], fresh=40, seeds=[0, 1])
+    results = json.loads((tmp_path / "report" / "learning.json").read_text())
+    assert [r["photos"] for r in results["rounds"]] == [8, 16]
+    served = results["seeds"][0]
+    for r in results["rounds"]:  # the champion after a round is the candidate exactly when the gate promoted it
+        assert r["champion"] == (r["candidate"] if r["promoted"] else served)
+        served = r["champion"]
+    assert all(0 < p <= 1 for p in results["drift_p"].values())
+    assert all(m["lab"]["total"] == 40 and m["field"]["total"] == 40 for m in results["seeds"])
+    report = (tmp_path / "report" / "LEARNING.md").read_text()
+    assert "| seed 1 |" in report and "| 16 | v0002 |" in report and (tmp_path / "report" / "learning.png").stat().st_size > 0

@@ -13,10 +13,12 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from typer.testing import CliRunner
 
 from config import REPO_ROOT
 from config.airflow import airflow_environment
 from dags.assets import TRAINING_DATASET
+from feedback import __main__ as feedback_cli
 from feedback import db
 from feedback.images import image_key, image_store
 from ml.data import read_classes, read_split
@@ -125,6 +127,9 @@ def test_drift_watch_dag_tests_the_newest_predictions_logs_to_mlflow_and_ranks_t
         experiment_names=[settings.experiment_name], filter_string="run_name = 'drift-watch'", output_format="list"
     )
     assert 0 < run.data.metrics["drift_p_value"] <= 1 and run.data.metrics["drift_mmd2"] >= 0
+    shown = CliRunner().invoke(feedback_cli.app, ["drift", "--top", "3"])
+    assert shown.exit_code == 0 and f"on the newest 24 predictions vs {2 * 4 * 2} lab images" in shown.output, shown.output
+    assert shown.output.count("witness") == 3
     ranked = db.most_drifted(engine, 100)
     assert {row.id for row in ranked} == set(predicted)
     assert [row.witness for row in ranked] == sorted((row.witness for row in ranked), reverse=True)
