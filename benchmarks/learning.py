@@ -10,7 +10,12 @@ fresh lab photos, and the noise is measured: the first model trained with three 
 on a training set with 5% of its images left out. Last, the 200-photo version is trained from
 scratch instead, to show what the warm start is worth.
 
-Writes benchmarks/LEARNING.md, benchmarks/learning.png and benchmarks/learning.json. The stages
+`--long-tail`: the same on IP102's 102 species with a long tail (60 down to 5 photos a class):
+the first model and its retrain after 200 corrected field photos, once with images drawn in
+proportion to their class and once class-balanced; top-1, macro-F1 and worst-class recall.
+
+Writes benchmarks/LEARNING.md, benchmarks/learning.png and benchmarks/learning.json (with
+`--long-tail`: LEARNING_LONG_TAIL.md and learning_long_tail.json). The stages
 run in this process without Airflow, MLflow or the service (each is tested with them elsewhere);
 the dataset versions are built by the same `build_version` the ingest DAG calls.
 """
@@ -32,10 +37,10 @@ from scipy.stats import binomtest
 
 from config import Settings
 from ml.data import read_classes
-from ml.data.synthetic import Domain, generate_synthetic, user_photos
+from ml.data.synthetic import Domain, class_sizes, generate_synthetic, user_photos
 from ml.data.versions import Sample, build_version
 from ml.drift import mmd_test, reference_logits
-from ml.evaluate import collect_logits, score
+from ml.evaluate import collect_logits, score, slice_scores
 from ml.model import load_classifier
 from ml.prune import prune
 from ml.runtime import PredictFn, eager_predict_fn
@@ -53,6 +58,8 @@ DRIFT_WINDOW = 200  # photos per drift test, as the drift DAG's window
 class Accuracy:
     correct: int
     total: int
+    macro_f1: float
+    worst_class_recall: float
 
     @property
     def top1(self) -> float:
@@ -103,7 +110,8 @@ def fresh_photos(root: Path, classes: list[str], count: int, size: int, domain: 
 
 def accuracy(predict: PredictFn, photos: Path, image_size: int) -> Accuracy:
     logits, labels = collect_logits(predict, photos, "test", image_size)
-    return Accuracy(int(np.sum(logits.argmax(1) == labels)), len(labels))
+    metrics = slice_scores(logits, labels).metrics
+    return Accuracy(int(np.sum(logits.argmax(1) == labels)), len(labels), metrics["macro_f1"], metrics["worst_class_recall"])
 
 
 class Bench:
@@ -186,8 +194,11 @@ def main(
     round_sizes: Annotated[list[int], typer.Option("--round", help="corrected photos sent per round")] = ROUNDS,
     fresh: Annotated[int, typer.Option(help="fresh photos per domain the served models are measured on")] = FRESH_PHOTOS,
     seeds: Annotated[list[int], typer.Option("--seed", help="seeds of the first model")] = SEEDS,
+    long_tail: Annotated[bool, typer.Option(help="IP102's 102 species with a long tail, proportional vs balanced draws")] = False,
 ) -> None:
     settings = Settings(data_dir=work_dir)  # INSECT_* variables apply, as everywhere
+    if long_tail:
+        return long_tail_benchmark(settings, work_dir, report_dir, field_share, sum(round_sizes))
     base = generate_synthetic(work_dir / "base", settings.synthetic)
     classes, size = read_classes(base), settings.synthetic.image_size
     lab = fresh_photos(work_dir / "fresh-lab", classes, fresh, size, "lab", seed=7)
@@ -206,6 +217,61 @@ def main(
     text = report(settings, dict(zip(seeds, by_seed, strict=True)), smaller, drift_p, learned, cold, minutes, fresh)
     (report_dir / "LEARNING.md").write_text(text)
     print(f"wrote {report_dir / 'LEARNING.md'} ({minutes:.1f} min)")
+
+
+LONG_TAIL = {"num_classes": 102, "images_per_class": 60, "tail_ratio": 12.0}  # 2,269 images, 60 down to 5 a class
+FRESH_PER_CLASS = 10
+
+
+def long_tail_benchmark(settings: Settings, work_dir: Path, report_dir: Path, field_share: float, photos: int) -> None:
+    """The first model and its retrain after `photos` corrected field photos, on IP102's species
+    with a long tail, once drawing images in proportion to their class and once balanced."""
+    settings = settings.model_copy(update={"synthetic": settings.synthetic.model_copy(update=LONG_TAIL)})
+    work_dir = work_dir / "long-tail"
+    base = generate_synthetic(work_dir / "base", settings.synthetic)
+    classes, size = read_classes(base), settings.synthetic.image_size
+    count = FRESH_PER_CLASS * len(classes)
+    lab = fresh_photos(work_dir / "fresh-lab", classes, count, size, "lab", seed=7)
+    field = fresh_photos(work_dir / "fresh-field", classes, count, size, "field", seed=8)
+    started, arms = time.perf_counter(), {}
+    for draws, balanced in (("proportional", False), ("balanced", True)):
+        arm = settings.model_copy(update={"train": settings.train.model_copy(update={"balance_classes": balanced})})
+        bench = Bench(arm, work_dir / draws, lab, field)
+        first = bench.train("first", base)
+        arms[draws] = {"first": first, "round": rounds(bench, base, first, [photos], field_share)[0]}
+    minutes = (time.perf_counter() - started) / 60
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "learning_long_tail.json").write_text(json.dumps(_plain(arms), indent=1, default=str))
+    (report_dir / "LEARNING_LONG_TAIL.md").write_text(long_tail_report(settings, arms, photos, count, minutes))
+    print(f"wrote {report_dir / 'LEARNING_LONG_TAIL.md'} ({minutes:.1f} min)")
+
+
+def long_tail_report(settings: Settings, arms: dict, photos: int, fresh: int, minutes: float) -> str:
+    sizes = class_sizes(settings.synthetic)
+    lines = [
+        "# Learning from the field on a long tail",
+        "",
+        f"`python -m benchmarks.learning --long-tail` ({minutes:.0f} min on this machine's CPUs): IP102's "
+        f"{len(sizes)} species, {sum(sizes)} lab photos falling off geometrically from {sizes[0]} to {sizes[-1]} a "
+        f"class (`INSECT_SYNTHETIC__TAIL_RATIO={settings.synthetic.tail_ratio:g}`; IP102's own tail is steeper). Each "
+        f"model measured on {fresh} fresh photos per domain, {FRESH_PER_CLASS} a species; top-1 with its 95% Wilson "
+        f"interval. The retrain starts from the first model, after {photos} corrected field photos "
+        f"(`INSECT_TRAIN__BALANCE_CLASSES` sets the draws).",
+        "",
+        "| draws | model | lab top-1 | lab macro-F1 | lab worst-class recall | field top-1 | field macro-F1 | "
+        "field worst-class recall | gate |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for draws, arm in arms.items():
+        r = arm["round"]
+        verdict = ("promoted" if r.promoted else "kept the first") + (f", p = {r.p_value:.2g}" if r.p_value is not None else "")
+        for name, model, gate in (("first", arm["first"], ""), (f"after {photos} photos", r.candidate, verdict)):
+            lab, field = model.lab, model.field
+            lines.append(
+                f"| {draws} | {name} | {lab} | {lab.macro_f1:.3f} | {lab.worst_class_recall:.2f} | {field} | "
+                f"{field.macro_f1:.3f} | {field.worst_class_recall:.2f} | {gate} |"
+            )
+    return "\n".join([*lines, ""])
 
 
 def _plain(value):

@@ -34,6 +34,9 @@ class SyntheticDataConfig(Section):
     images_per_class: int = 60  # split 60/20/20 into train/val/test
     image_size: int = 64  # pixels, square
     seed: int = 0
+    # A long tail like IP102's: class sizes fall off geometrically from `images_per_class` (the
+    # first species) to `images_per_class / tail_ratio` (the last, at least 5); 1: all the same.
+    tail_ratio: float = Field(1.0, ge=1.0)
 
 
 class ModelConfig(Section):

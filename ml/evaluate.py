@@ -22,7 +22,7 @@ from tqdm import tqdm
 from config import Settings
 from ml import cli
 from ml.data import IP102Dataset, eval_transform, read_split
-from ml.data.ip102 import FIELD_SPLIT, splits_of
+from ml.data.ip102 import FIELD_SPLIT
 from ml.results import Evaluation, SliceScores
 from ml.runtime import PredictFn, eager_predict_fn
 from ml.tracking import NO_RUN, RunLog
@@ -95,7 +95,7 @@ def confusion_matrix_plot(logits: np.ndarray, labels: np.ndarray, classes: list[
 def evaluation_slices(dataset_dir: Path) -> dict[str, str]:
     """Slice name -> the split it reads: `lab` (the test split: photos like the training set's)
     always, `field` (users' corrected photos held out of training) once a version has any."""
-    field = FIELD_SPLIT in splits_of(dataset_dir) and read_split(dataset_dir, FIELD_SPLIT)
+    field = read_split(dataset_dir, FIELD_SPLIT, optional=True)
     return {"lab": "test", **({"field": FIELD_SPLIT} if field else {})}
 
 

@@ -44,10 +44,14 @@ def held_out_splits(root: Path) -> tuple[str, ...]:
     return tuple(split for split in splits_of(root) if split != "train")
 
 
-def read_split(root: Path, split: str) -> list[tuple[str, int]]:
-    """(file name, label) pairs of one split file; a malformed line raises with its number."""
+def read_split(root: Path, split: str, optional: bool = False) -> list[tuple[str, int]]:
+    """(file name, label) pairs of one split file; a malformed line raises with its number. An
+    `optional` split (the field holdout, which only versions have) may be missing: no pairs."""
+    path = root / f"{split}.txt"
+    if optional and not path.is_file():
+        return []
     pairs = []
-    for number, line in enumerate((root / f"{split}.txt").read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split()

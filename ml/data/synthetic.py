@@ -229,6 +229,12 @@ def generate_synthetic(out_dir: Path, cfg: SyntheticDataConfig) -> Path:
     return out_dir
 
 
+def class_sizes(cfg: SyntheticDataConfig) -> list[int]:
+    """Images per species: `images_per_class` each, or falling off by `tail_ratio` over the classes."""
+    decay = cfg.tail_ratio ** (-np.arange(cfg.num_classes) / max(1, cfg.num_classes - 1))
+    return [max(5, round(cfg.images_per_class * d)) for d in decay]
+
+
 def _draw(out_dir: Path, cfg: SyntheticDataConfig) -> None:
     names = IP102_CLASSES_FILE.read_text().splitlines()
     if not 1 <= cfg.num_classes <= len(names):
@@ -239,11 +245,12 @@ def _draw(out_dir: Path, cfg: SyntheticDataConfig) -> None:
     images.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     lines: dict[str, list[str]] = {split: [] for split in SPLITS}
-    n_train, n_val = int(cfg.images_per_class * 0.6), int(cfg.images_per_class * 0.2)
-    progress = tqdm(total=cfg.num_classes * cfg.images_per_class, desc="drawing insects", unit="img")
-    for label in range(cfg.num_classes):
+    sizes = class_sizes(cfg)
+    progress = tqdm(total=sum(sizes), desc="drawing insects", unit="img")
+    for label, size in enumerate(sizes):
         species = species_plan(label, cfg.num_classes)
-        for i in range(cfg.images_per_class):
+        n_train, n_val = int(size * 0.6), int(size * 0.2)
+        for i in range(size):
             name = f"{label:03d}_{i:04d}.jpg"
             render(species, cfg.image_size, rng).save(images / name, quality=92)
             split = "train" if i < n_train else "val" if i < n_train + n_val else "test"

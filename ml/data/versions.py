@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from config import Settings
-from ml.data.ip102 import FIELD_SPLIT, SPLITS, manifest, read_classes, read_split, splits_of
+from ml.data.ip102 import FIELD_SPLIT, SPLITS, manifest, read_classes, read_split
 
 VERSION_PREFIX = "v"
 STAGING_SUFFIX = ".staging"
@@ -99,7 +99,7 @@ def build_version(parent: Path, samples: list[Sample], out: Path, field_share: f
         shutil.copy2(parent / name, out / name)
 
     train = dict(read_split(parent, "train"))
-    field = dict(read_split(parent, FIELD_SPLIT)) if FIELD_SPLIT in splits_of(parent) else {}
+    field = dict(read_split(parent, FIELD_SPLIT, optional=True))
     latest = {s.sha256: s for s in samples}  # dict keeps the last sample per image
     added = relabelled = held = 0
     skipped, rows = [], []

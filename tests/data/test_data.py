@@ -12,7 +12,7 @@ from PIL import Image
 from config import REPO_ROOT, SyntheticDataConfig
 from ml.data import SPLITS, IP102Dataset, all_captions, dataset_digest, manifest, read_classes, read_split
 from ml.data.ip102 import FIELD_SPLIT
-from ml.data.synthetic import MARKER, generate_synthetic, species_plan, user_photos
+from ml.data.synthetic import MARKER, class_sizes, generate_synthetic, species_plan, user_photos
 from ml.data.versions import Sample, build_version, in_field_holdout
 from ml.evaluate import evaluation_slices
 from tests.support import TINY_ENV
@@ -27,6 +27,16 @@ def test_generator_writes_ip102_layout(tiny_dataset):
         assert {label for _, label in read_split(tiny_dataset, split)} == {0, 1, 2, 3}
     with Image.open(tiny_dataset / "images" / read_split(tiny_dataset, "test")[0][0]) as image:
         assert image.size == (64, 64) and image.mode == "RGB"
+
+
+def test_a_long_tail_dataset_falls_off_by_the_ratio_and_keeps_every_class_in_every_split(tmp_path):
+    cfg = SyntheticDataConfig(num_classes=6, images_per_class=40, image_size=16, tail_ratio=8.0)
+    assert class_sizes(cfg) == [40, 26, 17, 11, 8, 5]
+    dataset = generate_synthetic(tmp_path / "tail", cfg)
+    counts = manifest(dataset).groupby("label").size().tolist()
+    assert counts == class_sizes(cfg)
+    for split in SPLITS:
+        assert {label for _, label in read_split(dataset, split)} == set(range(6))
 
 
 def test_classes_are_visually_distinct_but_images_vary(tiny_dataset):
