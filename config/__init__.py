@@ -58,9 +58,10 @@ class TrainConfig(Section):
     seed: int = 0
     max_steps_per_epoch: int | None = None  # cap for smoke tests
     # A retrain starts from the champion's trained weights (skipping CoCa pretraining) when the
-    # champion knows the same species, and fine-tunes for `warm_start_epochs`.
+    # champion knows the same species, and fine-tunes for `warm_start_epochs` (all of them), the
+    # champion distilling into it on the base images.
     warm_start: bool = True
-    warm_start_epochs: int = 8
+    warm_start_epochs: int = 12
     # How often a feedback image is drawn per epoch relative to a base image: users' photos are few
     # and show what the base set lacks.
     feedback_weight: float = Field(3.0, gt=0.0)

@@ -128,13 +128,13 @@ def build_version(parent: Path, samples: list[Sample], out: Path, field_share: f
     return VersionSummary(out, added=added, held_out=held, relabelled=relabelled, skipped=skipped)
 
 
-def trained_feedback_files(root: Path) -> set[str]:
-    """Train images of a version that users sent or relabelled (empty for a base dataset)."""
+def feedback_files(root: Path, split: str) -> set[str]:
+    """Images of a version's split that users sent or relabelled (none in a base dataset)."""
     samples = root / "samples.csv"
     if not samples.is_file():
         return set()
     with open(samples, newline="") as f:
-        return {row["file"] for row in csv.DictReader(f) if row["split"] == "train"}
+        return {row["file"] for row in csv.DictReader(f) if row["split"] == split}
 
 
 def _append_samples_csv(parent: Path, out: Path, rows: list[dict]) -> None:

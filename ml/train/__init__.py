@@ -8,14 +8,17 @@ or on GPUs with NCCL, across the hosts of `train.hostfile` when given). Engine s
 `train.batch_size` at any world size. Only rank 0 logs to MLflow and writes the classifier.
 
 Given `warm_start` (weights an earlier train stage left, with their species), a retrain on the
-same species skips pretraining and fine-tunes those weights for `train.warm_start_epochs`; with
-other species it starts from scratch. Feedback images are drawn `train.feedback_weight` times as
-often as base images (`classifier.sampling_weights`).
+same species skips pretraining and fine-tunes those weights for `train.warm_start_epochs`, with
+the model it starts from as a teacher on the base images (distillation: learning without
+forgetting, Li & Hoiem 2016), so the lab is kept while users' photos teach the field; with other
+species it starts from scratch. Feedback images are drawn `train.feedback_weight` times as often
+as base images (`classifier.sampling_weights`).
 Command line: `python -m ml.train --out-dir D [--dataset-dir DS] [--run-id ID] [--warm-start W]`.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -66,13 +69,25 @@ def train_here(
     run.params({"model": settings.model.name, **{f"train.{k}": v for k, v in cfg.model_dump().items()}})
     run.artifact(cfg.deepspeed_config)
     checkpoints, classes = out_dir / "checkpoints", read_classes(dataset_dir)
-    classifier = warm_classifier(settings.model.name, classes, warm_start) if warm_start else None
-    run.params({"train.started_from": "champion" if classifier else "scratch"})
-    epochs = cfg.warm_start_epochs if classifier else cfg.finetune_epochs
-    if classifier is None:
-        classifier = SpeciesClassifier.from_coca(pretrain_coca(settings, dataset_dir, checkpoints, run), classes)
+    warm = warm_classifier(settings.model.name, classes, warm_start) if warm_start else None
+    run.params({"train.started_from": "champion" if warm else "scratch"})
+    if warm is None:
+        coca = pretrain_coca(settings, dataset_dir, checkpoints, run)
+        classifier, epochs, teacher = SpeciesClassifier.from_coca(coca, classes), cfg.finetune_epochs, None
+    else:  # the champion teaches what it knew on the base images, users' photos the rest
+        classifier, epochs, teacher = warm, cfg.warm_start_epochs, copy.deepcopy(warm).eval()
+        # every epoch runs: val dips in the first ones, at the learning rate's peak, before it recovers
+        cfg = cfg.model_copy(update={"patience": epochs})
     val_top1, epochs_run = finetune_classifier(
-        classifier, dataset_dir, cfg, epochs=epochs, stage="classifier", checkpoint_dir=checkpoints, run=run
+        classifier,
+        dataset_dir,
+        cfg,
+        epochs=epochs,
+        stage="classifier",
+        checkpoint_dir=checkpoints,
+        teacher=teacher,
+        teach_users_photos=False,
+        run=run,
     )
     run.metrics({"val_top1": val_top1})
     result = TrainResult(model_path=out_dir / "classifier.pt", val_top1=val_top1, epochs_run=epochs_run)

@@ -1,5 +1,7 @@
+import copy
 import json
 import os
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -8,14 +10,14 @@ import pytest
 import torch
 
 from config import SyntheticDataConfig
-from ml.data import IP102Dataset, read_classes
+from ml.data import read_classes, read_split
 from ml.data.synthetic import generate_synthetic
 from ml.evaluate import score
 from ml.model import SpeciesClassifier, build_coca, load_classifier
 from ml.runtime import eager_predict_fn
 from ml.tracking import RunLog
 from ml.train import train, warm_classifier
-from ml.train.classifier import finetune_classifier, sampling_weights
+from ml.train.classifier import TrainImages, finetune_classifier, sampling_weights
 from ml.train.engine import WeightedShardSampler
 from tests.support import free_port
 
@@ -93,17 +95,18 @@ def test_zero3_shards_train_into_a_whole_classifier(settings, tmp_path):
     assert trained(torch.zeros(1, 3, trained.image_size, trained.image_size)).shape == (1, len(trained.classes))
 
 
-def _train_split(root: Path, labels: list[int], feedback: list[int]) -> IP102Dataset:
+def _train_split(root: Path, labels: list[int], feedback: list[int]) -> TrainImages:
     root.mkdir()
     (root / "classes.txt").write_text("a\nb\n")
     (root / "train.txt").write_text("".join(f"{i}.jpg {label}\n" for i, label in enumerate(labels)))
     rows = "".join(f"feedback:{i},x,{i}.jpg,a,train\n" for i in feedback)
     (root / "samples.csv").write_text("source,sha256,file,label,split\n" + rows)
-    return IP102Dataset(root, "train")
+    return TrainImages(root, image_size=16)
 
 
 def test_feedback_images_are_drawn_more_often_and_each_class_equally_when_balanced(settings, tmp_path):
     images = _train_split(tmp_path / "ds", labels=[0] * 6 + [1] * 2, feedback=[6])
+    assert images.from_user.tolist() == [False] * 6 + [True, False]
     assert sampling_weights(_train_split(tmp_path / "base", [0, 0, 1], []), settings.train) is None  # uniform
     weights = sampling_weights(images, settings.train.model_copy(update={"feedback_weight": 3.0}))
     assert weights.tolist() == [1.0] * 6 + [3.0, 1.0]
@@ -125,6 +128,37 @@ def test_weighted_draws_follow_the_weights_and_ranks_share_one_draw():
         drawn += one
     counts = np.bincount(drawn, minlength=4) / len(drawn)
     assert counts[3] == 0 and counts[2] == pytest.approx(0.75, abs=0.03)
+
+
+class CountingTeacher(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.seen = model, 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen += len(images)
+        return self.model(images)
+
+
+@pytest.mark.parametrize("teach_users_photos", [True, False])
+def test_a_champion_teaching_a_retrain_teaches_only_the_base_images(settings, tmp_path, teach_users_photos):
+    dataset = shutil.copytree(settings.base_dataset_dir, tmp_path / "all-from-users")
+    rows = "".join(f"feedback:{i},x,{name},y,train\n" for i, (name, _) in enumerate(read_split(dataset, "train")))
+    (dataset / "samples.csv").write_text("source,sha256,file,label,split\n" + rows)
+    model = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), read_classes(dataset))
+    teacher = CountingTeacher(copy.deepcopy(model).eval())
+    cfg = settings.train.model_copy(update={"max_steps_per_epoch": 2, "batch_size": 8})
+    finetune_classifier(
+        model,
+        dataset,
+        cfg,
+        epochs=1,
+        stage="t",
+        checkpoint_dir=tmp_path / "ckpt",
+        teacher=teacher,
+        teach_users_photos=teach_users_photos,
+    )
+    assert teacher.seen == (16 if teach_users_photos else 0)  # 2 steps of 8 images, every one a user's
 
 
 @pytest.mark.slow
