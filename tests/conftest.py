@@ -27,7 +27,9 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
-    return generate_synthetic(tmp_path_factory.mktemp("dataset"), SyntheticDataConfig(num_classes=4, images_per_class=10))
+    return generate_synthetic(
+        tmp_path_factory.mktemp("dataset"), SyntheticDataConfig(num_classes=4, images_per_class=10, min_test_images_per_class=0)
+    )
 
 
 @pytest.fixture

@@ -235,6 +235,14 @@ def class_sizes(cfg: SyntheticDataConfig) -> list[int]:
     return [max(5, round(cfg.images_per_class * d)) for d in decay]
 
 
+def split_sizes(cfg: SyntheticDataConfig) -> list[tuple[int, int, int]]:
+    """(train, val, test) images per species: 60/20/20 of its size, test at least `min_test_images_per_class`."""
+    return [
+        (int(n * 0.6), int(n * 0.2), max(n - int(n * 0.6) - int(n * 0.2), cfg.min_test_images_per_class))
+        for n in class_sizes(cfg)
+    ]
+
+
 def _draw(out_dir: Path, cfg: SyntheticDataConfig) -> None:
     names = IP102_CLASSES_FILE.read_text().splitlines()
     if not 1 <= cfg.num_classes <= len(names):
@@ -245,12 +253,11 @@ def _draw(out_dir: Path, cfg: SyntheticDataConfig) -> None:
     images.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     lines: dict[str, list[str]] = {split: [] for split in SPLITS}
-    sizes = class_sizes(cfg)
-    progress = tqdm(total=sum(sizes), desc="drawing insects", unit="img")
-    for label, size in enumerate(sizes):
+    sizes = split_sizes(cfg)
+    progress = tqdm(total=sum(map(sum, sizes)), desc="drawing insects", unit="img")
+    for label, (n_train, n_val, n_test) in enumerate(sizes):
         species = species_plan(label, cfg.num_classes)
-        n_train, n_val = int(size * 0.6), int(size * 0.2)
-        for i in range(size):
+        for i in range(n_train + n_val + n_test):
             name = f"{label:03d}_{i:04d}.jpg"
             render(species, cfg.image_size, rng).save(images / name, quality=92)
             split = "train" if i < n_train else "val" if i < n_train + n_val else "test"

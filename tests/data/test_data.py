@@ -30,13 +30,18 @@ def test_generator_writes_ip102_layout(tiny_dataset):
 
 
 def test_a_long_tail_dataset_falls_off_by_the_ratio_and_keeps_every_class_in_every_split(tmp_path):
-    cfg = SyntheticDataConfig(num_classes=6, images_per_class=40, image_size=16, tail_ratio=8.0)
+    cfg = SyntheticDataConfig(num_classes=6, images_per_class=40, image_size=16, tail_ratio=8.0, min_test_images_per_class=0)
     assert class_sizes(cfg) == [40, 26, 17, 11, 8, 5]
     dataset = generate_synthetic(tmp_path / "tail", cfg)
     counts = manifest(dataset).groupby("label").size().tolist()
     assert counts == class_sizes(cfg)
     for split in SPLITS:
         assert {label for _, label in read_split(dataset, split)} == set(range(6))
+
+
+def test_the_lab_test_split_holds_enough_of_each_species_to_measure(tmp_path):
+    dataset = generate_synthetic(tmp_path / "ds", SyntheticDataConfig(num_classes=3, images_per_class=10, image_size=16))
+    assert [len(read_split(dataset, split)) for split in SPLITS] == [3 * 6, 3 * 2, 3 * 40]
 
 
 def test_classes_are_visually_distinct_but_images_vary(tiny_dataset):
