@@ -97,7 +97,7 @@ def test_retrain_dag_registers_a_champion_trained_on_the_dataset_the_run_names(s
 
     again = _airflow(["dags", "test", "retrain"], env)  # on v0001: the same species, so from the champion
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    [second] = [v for v in client.search_model_versions(f"name='{settings.registered_model_name}'") if v.version == "2"]
+    [second] = [v for v in client.search_model_versions(f"name='{settings.registered_model_name}'") if str(v.version) == "2"]
     assert mlflow.get_run(second.run_id).data.params["train.started_from"] == "champion"
 
 
