@@ -42,15 +42,23 @@ class DriftReport:
 def watch(settings: Settings, run: RunLog) -> DriftReport | None:
     """Test the newest predictions for drift; None (and why, in the log) when there is nothing to test."""
     cfg, engine = settings.drift, db.engine(settings)
-    rows = db.recent_predictions(engine, cfg.window)
     configure(settings)
     champion = load_verified(settings.registered_model_name, CHAMPION)
-    if champion is None or len(rows) < cfg.min_predictions:
-        log.info("no drift test: %d predictions (%d needed), champion %s", len(rows), cfg.min_predictions, champion)
+    size = champion.model.image_size if champion else 0
+    store = image_store(settings)
+    images = {}  # prediction id -> pixels; a missing or undecodable image is left out, not fatal
+    for row in db.recent_predictions(engine, cfg.window) if champion else []:
+        if (pixels := _pixels(store.get(row.image_key), size)) is not None:
+            images[row.id] = pixels
+    if len(images) < cfg.min_predictions:
+        log.info(
+            "no drift test: %d predictions with readable images, %d needed, champion %s",
+            len(images),
+            cfg.min_predictions,
+            champion and champion.version,
+        )
         return None
-    store, size = image_store(settings), champion.model.image_size
-    images = {row.id: data for row in rows if (data := store.get(row.image_key)) is not None}
-    pixels = np.stack([preprocess(Image.open(io.BytesIO(data)), size) for data in images.values()])
+    pixels = np.stack(list(images.values()))
     current = np.concatenate([champion.predict(pixels[i : i + BATCH]) for i in range(0, len(pixels), BATCH)])
     reference = reference_logits(champion.predict, current_dataset(settings), size)
     test = mmd_test(reference, current, cfg.permutations)
@@ -73,6 +81,16 @@ def watch(settings: Settings, run: RunLog) -> DriftReport | None:
         verdict, report.mmd2, report.p_value, cfg.alpha, report.predictions, report.model_version,
     )  # fmt: skip
     return report
+
+
+def _pixels(data: bytes | None, size: int) -> np.ndarray | None:
+    if data is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return preprocess(image, size)
+    except (OSError, Image.DecompressionBombError, ValueError):
+        return None
 
 
 def latest_report(settings: Settings) -> DriftReport | None:

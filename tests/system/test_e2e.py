@@ -116,12 +116,15 @@ def test_drift_watch_dag_tests_the_newest_predictions_logs_to_mlflow_and_ranks_t
         store.put(key, out.getvalue(), "image/jpeg")
         columns = {"model_name": "m", "model_version": "1", "backend": "eager", "label": classes[0], "probability": 0.5}
         predicted.append(db.record_prediction(engine, **columns, image_sha256=sha, image_key=key))
+    store.put("feedback/broken.jpg", b"not an image", "image/jpeg")  # neither of these stops the watch
+    for key in ("feedback/broken.jpg", "feedback/never-stored.jpg"):
+        db.record_prediction(engine, **columns, image_sha256="0" * 64, image_key=key)
     env = {
         **_airflow_env(settings, tmp_path),
         "INSECT_FEEDBACK__DATABASE_URL": settings.feedback.database_url,
         "INSECT_FEEDBACK__S3_BUCKET": settings.feedback.s3_bucket,
         "INSECT_FEEDBACK__S3_ENDPOINT_URL": settings.feedback.s3_endpoint_url,
-        "INSECT_DRIFT__WINDOW": "24",
+        "INSECT_DRIFT__WINDOW": "26",
         "INSECT_DRIFT__MIN_PREDICTIONS": "10",
     }
     result = _airflow(["dags", "test", "drift_watch"], env)
