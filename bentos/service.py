@@ -20,11 +20,14 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http import HTTPStatus
+from importlib.metadata import version
 from pathlib import Path
 
+import attr
 import bentoml
 import numpy as np
 import sqlalchemy as sa
+from bentoml._internal.service.openapi.specification import Info
 from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, ServiceUnavailable, UnprocessableEntity
 from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image, UnidentifiedImageError
@@ -299,3 +302,31 @@ InsectClassifier.add_asgi_middleware(
     max_bytes=settings.feedback.max_image_bytes + FORM_OVERHEAD_BYTES,
     file_fields={"image"},
 )
+
+API_DESCRIPTION = """Identifies insect pests from a photo (102 IP102 species at most, the ones the
+served model knows) and takes corrections that train the next model.
+
+- `POST /predict`: a JPEG or PNG photo -> the top species with probabilities, the model version
+  that answered and a `prediction_id`.
+- `POST /feedback`: the right species for a photo or an earlier `prediction_id`. A labeler's
+  correction trains the next model; a client's is a suggestion that waits for a labeler.
+- `POST /model`: the served model version, its backend and the species it knows.
+
+Every route but `/livez`, `/readyz`, `/metrics` and this document needs an API key, sent as
+`Authorization: Bearer <key>` or `X-API-Key: <key>` (`python -m feedback keys create`)."""
+
+
+class _DescribedService(type(InsectClassifier)):
+    """BentoML's service, with this API's own title, version and description in its OpenAPI
+    document: BentoML fills them in with its boilerplate unless it serves a built Bento."""
+
+    __slots__ = ()  # the same layout as its base, so the service object can take this class
+
+    @property
+    def openapi_spec(self):
+        spec = super().openapi_spec
+        info = Info(title="Insect classifier", version=version("insect-mlops"), description=API_DESCRIPTION)
+        return attr.evolve(spec, info=info)
+
+
+InsectClassifier.__class__ = _DescribedService

@@ -169,11 +169,14 @@ class StackConfig(Section):
     """`make up`: the platform as services on this machine, each on 127.0.0.1 at these ports."""
 
     postgres_port: int = 5434  # Airflow's metadata, MLflow's store and the feedback tables
-    s3_port: int = 9000  # moto's S3 server: MLflow artifacts and feedback images
+    s3_port: int = 9000  # rclone's S3 server: MLflow artifacts and feedback images
     mlflow_port: int = 5000
     airflow_port: int = 8080  # the API server, which also serves the UI
     executor: Annotated[Literal["LocalExecutor", "CeleryExecutor"], BeforeValidator(_airflow_executor)] = "LocalExecutor"
     workers: int = 2  # Celery workers, one task at a time each (CeleryExecutor only)
+    # Airflow tasks at once (LocalExecutor: one worker process each, kept once started; Airflow's
+    # default of 32 left 32 idle processes on 2 cores)
+    parallelism: int = Field(2, ge=1)
     redis_port: int = 6380  # Celery's broker (CeleryExecutor only; 6379 is left to a system server)
     worker_log_port: int = 8793  # the first worker's log server; the next ones count up
     start_timeout_s: float = 180.0  # per service, until its health check passes

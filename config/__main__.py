@@ -3,9 +3,11 @@ data directory, so the Makefile and a user's shell agree with the Python code.""
 
 from __future__ import annotations
 
+import json
 import shlex
 
 import typer
+from sqlalchemy import make_url
 
 from config import get_settings
 from config.airflow import airflow_environment
@@ -21,8 +23,11 @@ def airflow_env() -> None:
 
 @app.command()
 def show() -> None:
-    """The effective settings, as JSON."""
-    print(get_settings().model_dump_json(indent=2))
+    """The effective settings, as JSON; a database URL's password shown as ***."""
+    settings = get_settings().model_dump(mode="json")
+    if url := settings["feedback"]["database_url"]:
+        settings["feedback"]["database_url"] = make_url(url).render_as_string(hide_password=True)
+    print(json.dumps(settings, indent=2))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,15 @@ keys_app = typer.Typer(add_completion=False, help="API keys for the service: cre
 app.add_typer(keys_app, name="keys")
 
 
+def _engine() -> sa.Engine:
+    """The feedback database the settings name, said on stderr; never starts the embedded one
+    (`up` does), so a shell not pointed at the running stack says so instead of starting one."""
+    with exit_on(LookupError):
+        url = db.database_url(get_settings(), start=False)
+    typer.echo(f"feedback database: {sa.make_url(url).render_as_string(hide_password=True)}", err=True)
+    return db.engine_for(url)
+
+
 @app.command()
 def up() -> None:
     """Start the database (the embedded cluster unless a URL is configured) and migrate it."""
@@ -42,7 +51,7 @@ def exports() -> None:
         .group_by(db.dataset_exports.c.id)
         .order_by(db.dataset_exports.c.id)
     )
-    with db.engine(get_settings()).connect() as conn:
+    with _engine().connect() as conn:
         rows = list(conn.execute(query))
     if not rows:
         typer.echo("no dataset version has been built from feedback yet")
@@ -58,7 +67,7 @@ def exports() -> None:
 @app.command()
 def quarantined() -> None:
     """Feedback an ingest refused, with why (it never trains; correct it and send it again)."""
-    rows = db.quarantined(db.engine(get_settings()))
+    rows = db.quarantined(_engine())
     if not rows:
         typer.echo("no feedback is quarantined")
     for row in rows:
@@ -80,7 +89,7 @@ def drift(top: Annotated[int, typer.Option(help="how many of the least familiar 
         f"{verdict}: champion v{report.model_version} on the newest {report.predictions} predictions vs "
         f"{report.reference} lab images: MMD² {report.mmd2:.4f}, p = {report.p_value:.4f} (alpha {settings.drift.alpha})"
     )
-    for row in db.most_drifted(db.engine(settings), top):
+    for row in db.most_drifted(_engine(), top):
         typer.echo(f"  witness {row.witness:+.4f}  prediction {row.id}  {row.image_key}")
 
 
@@ -93,7 +102,7 @@ def create_key(
     ] = None,
 ) -> None:
     """Create a key; it is shown once, alone on the last line (or only written to --out)."""
-    engine = db.engine(get_settings())
+    engine = _engine()
     if out is not None:
         with exit_on(ValueError):
             keys.key_in_file(engine, out, name=name, role=role)
@@ -108,7 +117,7 @@ def create_key(
 @keys_app.command("list")
 def list_keys() -> None:
     """Every key's name, role and state (the keys themselves are not stored)."""
-    for row in keys.list_keys(db.engine(get_settings())):
+    for row in keys.list_keys(_engine()):
         state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
         typer.echo(f"{row.name:<24} {row.role:<8} created {row.created_at:%Y-%m-%d %H:%M}  {state}")
 
@@ -116,7 +125,7 @@ def list_keys() -> None:
 @keys_app.command("revoke")
 def revoke_key(name: Annotated[str, typer.Argument(help="the key's name")]) -> None:
     """Revoke a key: the service refuses it within seconds."""
-    if not keys.revoke_key(db.engine(get_settings()), name):
+    if not keys.revoke_key(_engine(), name):
         typer.echo(f"no active key named {name!r}", err=True)
         raise typer.Exit(1)
     typer.echo(f"key {name!r} revoked")

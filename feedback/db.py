@@ -100,11 +100,20 @@ def migrate(url: str) -> None:
     command.upgrade(cfg, "head")
 
 
-def database_url(settings: Settings) -> str:
-    """The configured database, or the embedded cluster (started here when it is down)."""
+def database_url(settings: Settings, *, start: bool = True) -> str:
+    """The configured database, or the embedded cluster: started here when it is down, or with
+    `start` off a LookupError saying how to start it."""
     if settings.feedback.database_url:
         return settings.feedback.database_url
-    return postgres.ensure_running(settings.postgres_dir, settings.feedback.postgres_port)
+    if start:
+        return postgres.ensure_running(settings.postgres_dir, settings.feedback.postgres_port)
+    if not postgres.is_running(settings.postgres_dir):
+        raise LookupError(
+            f"no feedback database: the embedded one ({settings.postgres_dir}) is not running and none is configured. "
+            "`python -m feedback up` starts the embedded one; for `make up`'s stack, first run "
+            '`eval "$(python -m stack env)"`'
+        )
+    return postgres.url(settings.feedback.postgres_port)
 
 
 @cache

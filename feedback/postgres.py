@@ -77,6 +77,11 @@ def ensure_running(cluster: Path, port: int) -> str:
             if started.returncode != 0:
                 raise RuntimeError(f"PostgreSQL did not start: {started.stderr.strip()} (see {cluster / 'server.log'})")
         _create_database(port)
+    return url(port)
+
+
+def url(port: int) -> str:
+    """The embedded cluster's database, as SQLAlchemy names it."""
     return f"postgresql+psycopg2://{USER}@127.0.0.1:{port}/{DATABASE}"
 
 

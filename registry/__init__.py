@@ -132,7 +132,10 @@ def rollback(name: str) -> str:
         if str(v.version) != str(current.version) and v.tags.get(PROMOTED_AT, "") and v.tags[PROMOTED_AT] < since
     ]
     if not earlier:
-        raise LookupError(f"{name} v{current.version} is the first champion; there is nothing to roll back to")
+        raise LookupError(
+            f"no version of {name} was promoted before v{current.version} (promotions in the MLflow UI leave no "
+            "record): promote one by number"
+        )
     previous = max(earlier, key=lambda v: v.tags[PROMOTED_AT])
     client.set_registered_model_alias(name, CHAMPION, previous.version)
     return str(previous.version)

@@ -9,8 +9,9 @@ from typing import Annotated
 import mlflow
 import typer
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
-from config import get_settings
+from config import Settings, get_settings
 from config.cli import exit_on
 from ml.results import CompileResult, Evaluation, ValidationSummary
 from ml.tracking import RunLog, configure
@@ -21,6 +22,14 @@ from registry import rollback as rollback_champion
 from registry.gate import GateDecision
 
 app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def _registry() -> Settings:
+    """The settings, with MLflow pointed at their registry, which is said on stderr."""
+    settings = get_settings()
+    configure(settings)
+    typer.echo(f"registry: {settings.tracking_uri}", err=True)
+    return settings
 
 
 def _versions(name: str) -> list:
@@ -51,8 +60,7 @@ def register(
 @app.command("list")
 def list_versions() -> None:
     """Every version with its aliases, lab and field top-1, and the gate's decision."""
-    settings = get_settings()
-    configure(settings)
+    settings = _registry()
     name = settings.registered_model_name
     versions = _versions(name)
     if not versions:
@@ -79,18 +87,17 @@ def _gate_line(version) -> str:
 @app.command()
 def promote(version: Annotated[str, typer.Argument(help="model version to make champion")]) -> None:
     """Set alias `champion` on a version (the same as in the MLflow UI)."""
-    settings = get_settings()
-    configure(settings)
-    promote_version(settings.registered_model_name, version)
+    settings = _registry()
+    with exit_on(MlflowException):  # a version that does not exist: one line, not a traceback
+        promote_version(settings.registered_model_name, version)
     typer.echo(f"{settings.registered_model_name} v{version} is now champion")
 
 
 @app.command()
 def rollback() -> None:
     """Give `champion` back to the version that held it before the current one."""
-    settings = get_settings()
-    configure(settings)
-    with exit_on(LookupError):
+    settings = _registry()
+    with exit_on(LookupError, MlflowException):
         version = rollback_champion(settings.registered_model_name)
     typer.echo(f"{settings.registered_model_name} v{version} is champion again")
 

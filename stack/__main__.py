@@ -1,8 +1,10 @@
 """`python -m stack up|down|status` (`make up`, `make down`, `make status`): the local service stack;
-`python -m stack env-file`: its secrets as a .env for docker compose and Kubernetes."""
+`python -m stack env`: shell exports that point a shell at it; `python -m stack env-file`: its
+secrets as a .env for docker compose and Kubernetes."""
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import Annotated
@@ -23,7 +25,9 @@ def up() -> None:
     try:
         stack.up(typer.echo)
     except StackError as error:
-        typer.secho(f"make up failed: {error}", fg="red", err=True)
+        running = stack.running_services()
+        left = f"still running: {', '.join(running)} (`make down` stops them)" if running else "nothing left running"
+        typer.secho(f"make up failed: {error}\n{left}", fg="red", err=True)
         raise typer.Exit(1) from error
     typer.echo(f"\nall healthy in {time.monotonic() - started:.0f} s; logs in {stack.logs}\n")
     for line in stack.logins():
@@ -32,9 +36,13 @@ def up() -> None:
 
 @app.command()
 def down() -> None:
-    """Stop every service (their data stays under the data directory)."""
-    Stack(get_settings()).down()
-    typer.echo("stopped")
+    """Stop every service and any process it left (their data stays under the data directory)."""
+    try:
+        Stack(get_settings()).down()
+    except StackError as error:
+        typer.secho(str(error), fg="red", err=True)
+        raise typer.Exit(1) from error
+    typer.echo("stopped; no stack process left, every stack port free")
 
 
 @app.command()
@@ -47,12 +55,23 @@ def status() -> None:
         raise typer.Exit(3)  # like `systemctl status`: not everything is up
 
 
+@app.command()
+def env() -> None:
+    """Shell exports that point this shell's commands (`python -m registry`, `python -m feedback`,
+    mlflow, boto3) at the running stack: `eval "$(python -m stack env)"`."""
+    stack = Stack(get_settings())
+    typer.echo(f"# make up's stack under {stack.dir}")
+    shell = {"BENTO_URL": stack.url("bento"), "STACK_KEYS": str(stack.keys)}  # for curl and the README's examples
+    for key, value in (stack.addresses() | shell).items():
+        typer.echo(f"export {key}={shlex.quote(value)}")
+
+
 @app.command("env-file")
 def env_file(path: Annotated[Path, typer.Argument(help="where to write it")] = REPO_ROOT / ".env") -> None:
     """Write the stack's secrets as a .env file for docker compose and Kubernetes (mode 0600)."""
     stack = Stack(get_settings())
     secrets.write_env_file(stack.secrets, path)
-    typer.echo(f"wrote {path} from {stack.dir / 'secrets.json'}")
+    typer.echo(f"wrote {path} from {stack.secrets_file}")
 
 
 if __name__ == "__main__":

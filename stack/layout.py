@@ -11,6 +11,9 @@ from stack import secrets as stack_secrets
 # One PostgreSQL role and database per service, with the secret holding the role's password.
 DATABASES = {"airflow": "airflow_db_password", "mlflow": "mlflow_db_password", postgres.DATABASE: "feedback_db_password"}
 AIRFLOW_ADMIN = "admin"
+# Set in every process the stack starts (to this stack's directory): `make down` finds stragglers by it.
+STACK_MARKER = "MAKE_UP_STACK_DIR"
+BUCKETS = ("mlflow", "feedback")  # the S3 service's: MLflow's artifacts, the users' photos
 
 
 class Layout:
@@ -27,9 +30,9 @@ class Layout:
         self.conf = self.dir / "supervisord.conf"
         self.socket = self.dir / "supervisor.sock"
         self.pid_file = self.dir / "supervisord.pid"
-        # moto keeps objects in memory: its recording of every write, replayed on start, persists them
-        self.s3_recording = self.dir / "s3" / "recording.jsonl"
-        self.secrets = stack_secrets.load_or_create(self.dir / "secrets.json")
+        self.s3_dir = self.dir / "s3"  # a directory per bucket, a file per object
+        self.secrets_file = self.dir / "secrets.json"
+        self.secrets = stack_secrets.load_or_create(self.secrets_file)
 
     def url(self, service: str) -> str:
         ports = {
@@ -44,6 +47,14 @@ class Layout:
         password = self.secrets[DATABASES[database]]
         return f"postgresql+psycopg2://{database}:{password}@127.0.0.1:{self.settings.stack.postgres_port}/{database}"
 
+    def ports(self) -> list[int]:
+        """Every 127.0.0.1 port a service of the stack listens on."""
+        stack = self.settings.stack
+        ports = [stack.postgres_port, stack.s3_port, stack.mlflow_port, stack.airflow_port, self.settings.serve.port]
+        if self.celery:
+            ports += [stack.redis_port, *range(stack.worker_log_port, stack.worker_log_port + stack.workers)]
+        return ports
+
     @property
     def celery(self) -> bool:
         return self.settings.stack.executor == "CeleryExecutor"
@@ -57,12 +68,13 @@ class Layout:
         own environment to its programs, so it is started with this."""
         return {
             **airflow_environment(self.settings, airflow_home=self.airflow_home),
-            **self._service_addresses(),
+            **self.addresses(),
             **self._airflow_services(),
             **(self._celery_environment() if self.celery else {}),
         }
 
-    def _service_addresses(self) -> dict[str, str]:
+    def addresses(self) -> dict[str, str]:
+        """Where the services are, and the keys to them: for the services and for a user's shell."""
         return {
             "INSECT_DATA_DIR": str(self.settings.data_dir),
             "INSECT_FEEDBACK__DATABASE_URL": self.database_url(postgres.DATABASE),
@@ -80,6 +92,7 @@ class Layout:
         return {
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",  # the scheduler drives the loop
             "AIRFLOW__CORE__EXECUTOR": self.settings.stack.executor,
+            "AIRFLOW__CORE__PARALLELISM": str(self.settings.stack.parallelism),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url('airflow')}/execution/",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{AIRFLOW_ADMIN}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.airflow_passwords),

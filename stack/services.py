@@ -21,7 +21,7 @@ from config import REPO_ROOT
 from config.private import write_private
 from feedback import postgres
 from stack.errors import StackError
-from stack.layout import AIRFLOW_ADMIN, DATABASES, Layout
+from stack.layout import AIRFLOW_ADMIN, BUCKETS, DATABASES, Layout
 
 BIN = Path(sys.executable).parent  # the project's virtual environment
 
@@ -37,6 +37,7 @@ class Service:
     stop_signal: str | None = None  # supervisord's default: TERM
     before_start: Callable[[], None] | None = None
     after_healthy: Callable[[], None] | None = None  # once per start: databases, buckets
+    describe: Callable[[], str] | None = None  # what a healthy one serves, for `make status`
 
 
 def services(layout: Layout) -> list[Service]:
@@ -109,29 +110,37 @@ def _create_databases(layout: Layout) -> None:
 def _s3(layout: Layout) -> Service:
     return Service(
         "s3",
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(layout.settings.stack.s3_port)],
-        partial(_http_ok, f"{layout.url('s3')}/moto-api/data.json"),
-        environment={"MOTO_ENABLE_RECORDING": "True", "MOTO_RECORDER_FILEPATH": str(layout.s3_recording)},
-        after_healthy=partial(_restore_buckets, layout),
+        [sys.executable, "-m", "stack.s3", str(layout.settings.stack.s3_port), str(layout.s3_dir), str(layout.secrets_file)],
+        partial(_bucket_readable, layout, "mlflow"),
+        before_start=partial(_create_buckets, layout),
     )
 
 
-def _restore_buckets(layout: Layout) -> None:
-    """Replay what the last run wrote, then create the buckets a first run lacks."""
-    import boto3
+def _create_buckets(layout: Layout) -> None:
+    """A bucket is a directory of rclone's: made before it starts, only its owner may read them."""
+    for bucket in BUCKETS:
+        (layout.s3_dir / bucket).mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    if layout.s3_recording.exists():
-        httpx.post(f"{layout.url('s3')}/moto-api/recorder/replay-recording", timeout=600).raise_for_status()
+
+def _bucket_readable(layout: Layout, bucket: str) -> bool:
+    """A signed request the stack depends on, and a cheap one: HEAD of a bucket."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
     s3 = boto3.client(
         "s3",
         endpoint_url=layout.url("s3"),
         aws_access_key_id=layout.secrets["s3_access_key"],
         aws_secret_access_key=layout.secrets["s3_secret_key"],
         region_name="us-east-1",
+        config=Config(connect_timeout=2, read_timeout=2, retries={"max_attempts": 1}),
     )
-    existing = {bucket["Name"] for bucket in s3.list_buckets()["Buckets"]}
-    for bucket in {"mlflow", "feedback"} - existing:
-        s3.create_bucket(Bucket=bucket)
+    try:
+        s3.head_bucket(Bucket=bucket)
+        return True
+    except (BotoCoreError, ClientError):
+        return False
 
 
 # -- MLflow ----------------------------------------------------------------------------------------
@@ -264,7 +273,20 @@ def _bento(layout: Layout) -> Service:
         [str(BIN / "bentoml"), "serve", "bentos.service:InsectClassifier", "--port", str(port)],
         partial(_http_ok, f"{layout.url('bento')}/livez"),
         before_start=partial(_create_api_keys, layout),
+        describe=partial(_served_model, layout),
     )
+
+
+def _served_model(layout: Layout) -> str:
+    """Live is not ready: the Bento answers before a champion exists, and /readyz says which."""
+    try:
+        if httpx.get(f"{layout.url('bento')}/readyz", timeout=2).status_code != 200:
+            return "up, no champion yet"
+        key = (layout.keys / "client.key").read_text().strip()
+        served = httpx.post(f"{layout.url('bento')}/model", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()
+    except (httpx.HTTPError, OSError, ValueError) as error:
+        return f"up, not answering what it serves ({type(error).__name__})"
+    return f"ready, serving {served['name']} v{served['version']} ({served['backend']})"
 
 
 def _create_api_keys(layout: Layout) -> None:

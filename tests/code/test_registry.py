@@ -109,10 +109,10 @@ def test_list_shows_aliases_and_promote_moves_champion(settings, artifacts):
     _register(settings, files, 48)
     _register(settings, files, 30, champion_right=48)
     runner = CliRunner()
-    listing = runner.invoke(app, ["list"]).output
+    listing = runner.invoke(app, ["list"]).stdout
     assert "v1" in listing and "champion" in listing.splitlines()[0] and "challenger" in listing.splitlines()[1]
     assert runner.invoke(app, ["promote", "2"]).exit_code == 0
-    assert "champion" in runner.invoke(app, ["list"]).output.splitlines()[1]
+    assert "champion" in runner.invoke(app, ["list"]).stdout.splitlines()[1]
 
 
 def test_load_verified_serves_eager_and_refuses_tampered_artifacts(settings, artifacts):
@@ -130,7 +130,7 @@ def test_rollback_returns_champion_to_the_previous_one(settings, artifacts):
     _, files = artifacts
     name = settings.registered_model_name
     _register(settings, files, 48)
-    with pytest.raises(LookupError, match="nothing to roll back"):
+    with pytest.raises(LookupError, match="promoted before v1"):
         rollback(name)
     _register(settings, files, 58, champion_right=48)
     assert str(version_by_alias(name, CHAMPION).version) == "2"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import boto3
@@ -230,8 +231,11 @@ def test_bad_input_gets_a_4xx_with_a_message_and_stores_nothing(server, case):
 def test_health_readiness_and_openapi(server):
     assert httpx.get(f"{server['base']}/livez").status_code == 200
     assert httpx.get(f"{server['base']}/readyz").status_code == 200
-    paths = httpx.get(f"{server['base']}/docs.json").json()["paths"]
-    assert {"/predict", "/feedback", "/model"} <= set(paths)
+    document = httpx.get(f"{server['base']}/docs.json").json()
+    assert {"/predict", "/feedback", "/model"} <= set(document["paths"])
+    info = document["info"]  # this API's own, not BentoML's boilerplate
+    assert info["title"] == "Insect classifier" and info["version"] == version("insect-mlops")
+    assert "POST /predict" in info["description"] and "BentoML" not in info["description"]
 
 
 def test_a_promoted_version_is_served_without_restart(server):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -18,10 +20,14 @@ import httpx
 import mlflow
 import psutil
 import pytest
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ClientError
 
-from config import REPO_ROOT, get_settings
+from config import REPO_ROOT, Settings, get_settings
 from stack import Stack
 from stack import secrets as stack_secrets
+from stack.layout import Layout
+from stack.services import services
 from tests.support import TINY_ENV, free_port
 
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "stack"  # screenshots and timings, kept by CI
@@ -35,6 +41,52 @@ def test_secrets_are_generated_once_and_readable_only_by_their_owner(tmp_path):
     assert stack_secrets.load_or_create(path) == first
     path.write_text(json.dumps({"s3_access_key": "kept"}))  # a file from an older version
     assert stack_secrets.load_or_create(path)["s3_access_key"] == "kept" and set(json.loads(path.read_text())) == set(first)
+
+
+def s3_service(layout: Layout) -> subprocess.Popen:
+    """The stack's S3 service alone, started as supervisord starts it, healthy."""
+    service = next(service for service in services(layout) if service.name == "s3")
+    service.before_start()
+    process = subprocess.Popen(service.command, cwd=REPO_ROOT)
+    deadline = time.monotonic() + 30
+    while not service.healthy():
+        assert process.poll() is None and time.monotonic() < deadline, "the S3 service did not come up"
+        time.sleep(0.2)
+    return process
+
+
+def test_the_s3_service_keeps_a_multipart_object_across_a_restart_and_lets_in_only_its_key(tmp_path):
+    """moto's recording lost every object uploaded in parts (files over 8 MB) on replay."""
+    layout = Layout(Settings(data_dir=tmp_path, stack={"s3_port": free_port()}))
+    process = s3_service(layout)
+    assert layout.secrets["s3_secret_key"] not in " ".join(psutil.Process(process.pid).cmdline())
+    s3 = s3_client(layout, layout.secrets["s3_secret_key"])
+    big = tmp_path / "model_cuda_sm_90.so"
+    big.write_bytes(os.urandom(21 * 2**20))
+    s3.upload_file(str(big), "mlflow", "1/artifacts/model.so", Config=TransferConfig(multipart_threshold=8 * 2**20))
+    process.terminate()
+    process.wait(30)
+
+    process = s3_service(layout)
+    try:
+        copy = tmp_path / "copy.so"
+        s3.download_file("mlflow", "1/artifacts/model.so", str(copy))
+        assert hashlib.sha256(copy.read_bytes()).digest() == hashlib.sha256(big.read_bytes()).digest()
+        with pytest.raises(ClientError, match="403"):
+            s3_client(layout, "not-the-key").head_bucket(Bucket="mlflow")
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def s3_client(layout: Layout, secret_key: str):
+    return boto3.client(
+        "s3",
+        endpoint_url=layout.url("s3"),
+        region_name="us-east-1",
+        aws_access_key_id=layout.secrets["s3_access_key"],
+        aws_secret_access_key=secret_key,
+    )
 
 
 @pytest.fixture
@@ -151,12 +203,13 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
     timings = {"make up to healthy, s": round(time.monotonic() - started)}
     assert "all healthy" in out and "Airflow UI" in out and "password" in out
     assert "already running" in make("up", env)  # a second `make up` is harmless
-    timings["stack resident memory, MiB"] = round(
-        sum(p.memory_info().rss for p in stack_processes(env["INSECT_DATA_DIR"])) / 2**20
-    )
+    processes = stack_processes(env["INSECT_DATA_DIR"])
+    timings["stack resident memory, MiB"] = round(sum(p.memory_info().rss for p in processes) / 2**20)
+    timings["stack processes"] = len(processes)
 
     assert httpx.post(f"{bento}/model", timeout=30).status_code == 401  # no key, no answer
     eventually(lambda: served_version(stack) == "1", 900, "the first model, served", stack.dir)
+    assert f"bento                  running, healthy, ready, serving {name} v1 (" in make("status", env)
     loop_started = time.monotonic()
     feedback_round = subprocess.run(
         [
@@ -192,13 +245,7 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
     assert [run["run_type"] for run in dag_runs(stack, "retrain")] == ["scheduled", "asset_triggered"]
     done = tasks_done_by_workers(stack)
     assert set(done) == {"airflow-worker-1", "airflow-worker-2"} and sum(done.values()) > 0, done
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=stack.url("s3"),
-        region_name="us-east-1",
-        aws_access_key_id=stack.secrets["s3_access_key"],
-        aws_secret_access_key=stack.secrets["s3_secret_key"],
-    )
+    s3 = s3_client(stack, stack.secrets["s3_secret_key"])
     assert any(obj["Key"].endswith(".so") for obj in s3.list_objects_v2(Bucket="mlflow")["Contents"])  # model artifacts
     assert s3.list_objects_v2(Bucket="feedback")["KeyCount"] > 0  # the users' photos
 
@@ -206,6 +253,13 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
     client.set_registered_model_alias(name, "champion", target)  # what the MLflow UI does, over REST
     eventually(lambda: served_version(stack) == target, 120, f"v{target} served after its promotion", stack.dir)
     see_the_uis(browser, stack, name)
+    run_readme_stack_blocks(env)
+    champion = client.get_model_version_by_alias(name, "champion")
+    big = Path(tempfile.mkdtemp()) / "over-the-multipart-threshold.bin"
+    big.write_bytes(os.urandom(21 * 2**20))  # S3 takes it in parts: moto's replay lost such files
+    client.log_artifact(champion.run_id, str(big), "extra")
+    before = artifact_digests(stack.url("mlflow"), name, champion)
+    assert "run/extra/over-the-multipart-threshold.bin" in before
 
     make("down", env)
     assert stack_processes(env["INSECT_DATA_DIR"]) == []
@@ -216,8 +270,42 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
     make("up", env)
     assert len(client.search_model_versions(f"name='{name}'")) == 2
     assert s3.list_objects_v2(Bucket="feedback")["KeyCount"] > 0
+    assert artifact_digests(stack.url("mlflow"), name, champion) == before
+    eventually(lambda: served_version(stack) == champion.version, 120, "the champion served again", stack.dir)
     make("down", env)
     assert stack_processes(env["INSECT_DATA_DIR"]) == []
+    assert [port for port in ports.values() if listening(port)] == []
+
+
+def artifact_digests(tracking_uri: str, name: str, version) -> dict[str, str]:
+    """sha256 of every file of a registered version: its model's artifacts and its run's."""
+    # MLflow resolves a models:/ URI through the global registry URI, whatever it is passed
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    digests = {}
+    try:
+        for label, source in (("model", f"models:/{name}/{version.version}"), ("run", f"runs:/{version.run_id}/")):
+            root = Path(mlflow.artifacts.download_artifacts(source, dst_path=tempfile.mkdtemp()))
+            for path in (p for p in root.rglob("*") if p.is_file()):
+                digests[f"{label}/{path.relative_to(root)}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+    return digests
+
+
+def run_readme_stack_blocks(env: dict) -> None:
+    """Every README block marked for the stack, as a user runs it: in a shell pointed at the stack
+    (`eval "$(python -m stack env)"`); each command must succeed."""
+    blocks = re.findall(r"<!-- stack-test -->\n```bash\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        script = f'set -euo pipefail\nsource .venv/bin/activate && eval "$(python -m stack env)"\n{block}'
+        done = subprocess.run(
+            ["bash", "-c", script], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False
+        )
+        assert done.returncode == 0, f"README block failed:\n{block}\n{done.stdout}\n{done.stderr}"
 
 
 def see_the_uis(browser, stack: Stack, model_name: str) -> None:
