@@ -47,6 +47,7 @@ logger = logging.getLogger("bentoml.insect")
 settings = get_settings()
 # MPO: what Pillow calls the JPEGs many phones write (a JPEG with a second, depth or preview, frame)
 FORMATS = {"JPEG": ("image/jpeg", ".jpg"), "MPO": ("image/jpeg", ".jpg"), "PNG": ("image/png", ".png")}
+MAX_IDEMPOTENCY_KEY = 200  # characters of a client's Idempotency-Key header
 FORM_OVERHEAD_BYTES = 64 * 1024  # a request may carry this much besides the image: fields, part headers
 
 
@@ -231,12 +232,17 @@ class InsectClassifier:
         client's is a suggestion until a labeler confirms it."""
         caller = ctx.request.state.caller  # set by the ApiKeys middleware
         kind = db.LABEL if caller.may_act_as("labeler") else db.SUGGESTION
+        idempotency_key = ctx.request.headers.get("idempotency-key")
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise InvalidArgument(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
         classes = self._model().model.classes
         if corrected_label not in classes:
             raise UnprocessableEntity(f"unknown species {corrected_label!r}; POST /model lists the {len(classes)} known ones")
         if (image is None) == (prediction_id is None):
             raise InvalidArgument("send either an image or a prediction_id, not both and not neither")
         with storage_unavailable_as_503():
+            if idempotency_key and (first := db.feedback_with_key(self.db, caller.name, idempotency_key)):
+                return self._receipt(first)  # a retry: the first answer, nothing stored again
             if prediction_id is not None:
                 earlier = db.get_prediction(self.db, prediction_id)
                 if earlier is None:
@@ -250,7 +256,7 @@ class InsectClassifier:
                 data, decoded = read_image(image, settings.feedback.max_image_bytes)
                 check_trainable_size(*decoded.size)
                 sha, key = self._store_image(data, decoded.format)
-            feedback_id = db.record_feedback(
+            stored = db.record_feedback(
                 self.db,
                 image_sha256=sha,
                 image_key=key,
@@ -260,8 +266,14 @@ class InsectClassifier:
                 prediction_id=prediction_id,
                 kind=kind,
                 submitted_by=caller.name,
+                idempotency_key=idempotency_key,
             )
-        return FeedbackReceipt(feedback_id=feedback_id, image_location=f"{self.images.location}/{key}", kind=kind)
+        return self._receipt(stored)
+
+    def _receipt(self, stored) -> FeedbackReceipt:
+        return FeedbackReceipt(
+            feedback_id=stored.id, image_location=f"{self.images.location}/{stored.image_key}", kind=stored.kind
+        )
 
     @bentoml.api(route="/model")
     def model(self) -> dict:
@@ -309,7 +321,9 @@ served model knows) and takes corrections that train the next model.
 - `POST /predict`: a JPEG or PNG photo -> the top species with probabilities, the model version
   that answered and a `prediction_id`.
 - `POST /feedback`: the right species for a photo or an earlier `prediction_id`. A labeler's
-  correction trains the next model; a client's is a suggestion that waits for a labeler.
+  correction trains the next model; a client's is a suggestion that waits for a labeler. Send an
+  `Idempotency-Key` header (any unique string) to retry safely: a retry with the same key gets
+  the first answer and stores nothing.
 - `POST /model`: the served model version, its backend and the species it knows.
 
 Every route but `/livez`, `/readyz`, `/metrics` and this document needs an API key, sent as

@@ -64,8 +64,16 @@ feedback = sa.Table(
     sa.Column("kind", sa.Text, server_default="label", nullable=False),  # LABEL trains; SUGGESTION waits for a labeler
     sa.Column("submitted_by", sa.Text),  # the API key's name
     sa.Column("quarantine_reason", sa.Text),  # why an ingest refused it; it waits for nobody then
+    sa.Column("idempotency_key", sa.Text),  # the client's Idempotency-Key: one row per key and caller
     # the hourly count of pending feedback reads this index, not the table
     sa.Index("ix_feedback_pending", "id", postgresql_where=sa.text("export_id IS NULL")),
+    sa.Index(
+        "ux_feedback_idempotency",
+        "submitted_by",
+        "idempotency_key",
+        unique=True,
+        postgresql_where=sa.text("idempotency_key IS NOT NULL"),
+    ),
 )
 # The newest drift watch's score of each prediction it looked at (ml/drift.py: the MMD witness;
 # higher is less like the training set), and whether that window drifted as a whole.
@@ -140,10 +148,28 @@ def get_prediction(db: sa.Engine, prediction_id: str) -> sa.Row | None:
         return conn.execute(sa.select(predictions).where(predictions.c.id == prediction_id)).first()
 
 
-def record_feedback(db: sa.Engine, **columns: str | None) -> int:
-    """Insert feedback (the columns of `feedback` a user sends, by name); returns its new id."""
+RECEIPT = (feedback.c.id, feedback.c.image_key, feedback.c.kind)  # what the service answers with
+
+
+def record_feedback(db: sa.Engine, **columns: str | None) -> sa.Row:
+    """Insert feedback (the columns of `feedback` a user sends, by name); returns its receipt. With
+    an `idempotency_key` its caller used before, nothing is inserted and the first receipt is
+    returned: concurrent retries store one row (the unique index decides, not a lookup)."""
+    insert = postgresql.insert(feedback).values(**columns)
+    if columns.get("idempotency_key") is not None:
+        insert = insert.on_conflict_do_nothing(
+            index_elements=["submitted_by", "idempotency_key"], index_where=feedback.c.idempotency_key.isnot(None)
+        )
     with db.begin() as conn:
-        return conn.execute(feedback.insert().values(**columns).returning(feedback.c.id)).scalar_one()
+        row = conn.execute(insert.returning(*RECEIPT)).first()
+    return row or feedback_with_key(db, columns["submitted_by"], columns["idempotency_key"])
+
+
+def feedback_with_key(db: sa.Engine, submitted_by: str, idempotency_key: str) -> sa.Row | None:
+    """The receipt of the feedback a caller sent with this Idempotency-Key, if any."""
+    query = sa.select(*RECEIPT).where(feedback.c.submitted_by == submitted_by, feedback.c.idempotency_key == idempotency_key)
+    with db.connect() as conn:
+        return conn.execute(query).first()
 
 
 def _pending(agreement: int | None) -> sa.ColumnElement[bool]:

@@ -90,4 +90,4 @@ def post_feedback(
         prediction_id=None,
         kind=kind,
         submitted_by=submitted_by,
-    )
+    ).id

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -136,6 +137,31 @@ def test_feedback_lands_as_a_row_and_an_object(server):
     key = receipt["image_location"].removeprefix(f"s3://{BUCKET}/")
     s3 = boto3.client("s3", endpoint_url=get_settings().feedback.s3_endpoint_url)
     assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == image
+
+
+def test_a_retry_with_an_idempotency_key_gets_the_first_answer_and_stores_nothing_new(server):
+    """A client that lost the answer retries: with its key the retry, however many at once, is one row."""
+    image, classes = _jpeg(server["dataset"], 2), server["classes"]
+
+    def post(key: str, corrected: str = classes[1], image: bytes = image) -> httpx.Response:
+        return httpx.post(
+            f"{server['base']}/feedback",
+            files={"image": ("bug.jpg", image, "image/jpeg")},
+            data={"predicted_label": classes[0], "corrected_label": corrected},
+            headers={**server["labeler"], "Idempotency-Key": key},
+            timeout=60,
+        )
+
+    key = f"retry-{server['suffix']}"
+    first = post(key).json()
+    assert post(key, corrected=classes[2], image=_jpeg(server["dataset"], 3)).json() == first
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: post(f"{key}-burst"), range(8)))
+    assert all(a.status_code == 200 for a in answers) and len({a.json()["feedback_id"] for a in answers}) == 1
+    assert _feedback_rows(feedback_table.c.idempotency_key.in_([key, f"{key}-burst"])) == 2
+    assert post(f"{key}-other").json()["feedback_id"] not in {first["feedback_id"], answers[0].json()["feedback_id"]}
+    too_long = post("k" * 201)
+    assert too_long.status_code == 400 and "Idempotency-Key" in too_long.text
 
 
 def test_feedback_on_an_earlier_prediction(server):
