@@ -16,6 +16,7 @@ import hashlib
 import io
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ logger = logging.getLogger("bentoml.insect")
 settings = get_settings()
 # MPO: what Pillow calls the JPEGs many phones write (a JPEG with a second, depth or preview, frame)
 FORMATS = {"JPEG": ("image/jpeg", ".jpg"), "MPO": ("image/jpeg", ".jpg"), "PNG": ("image/png", ".png")}
+MAX_RELOAD_DELAY_S = 3600.0  # the longest wait before a version that failed to load is tried again
 MAX_IDEMPOTENCY_KEY = 200  # characters of a client's Idempotency-Key header
 FORM_OVERHEAD_BYTES = 64 * 1024  # a request may carry this much besides the image: fields, part headers
 
@@ -157,12 +159,27 @@ class InsectClassifier:
         logger.info("serving %s v%s (%s)", self.name, self.served.version, self.served.backend)
 
     def _watch_alias(self) -> None:
+        """Follow the alias. A version that fails to load leaves the served one serving, is logged
+        once, and is tried again only after a delay that doubles each time (up to an hour), instead
+        of being downloaded again at every poll."""
+        retry = {}  # version that failed -> (when to try it again, the delay after that)
         while True:
             threading.Event().wait(settings.serve.reload_interval_s)
+            version = None  # unknown while the registry does not answer
             try:
-                self._reload()
+                current = version_by_alias(self.name, settings.serve.alias)
+                version = None if current is None else str(current.version)
+                if version and time.monotonic() >= retry.get(version, (0.0,))[0]:
+                    self._reload()
             except Exception:  # a bad new version must not take the served one down
-                logger.exception("could not load the new %s; still serving the previous one", settings.serve.alias)
+                if version not in retry:
+                    logger.exception(
+                        "could not load %s v%s; still serving the previous one, trying it again with growing delays",
+                        self.name,
+                        version,
+                    )
+                delay = retry.get(version, (0.0, settings.serve.reload_interval_s))[1]
+                retry[version] = (time.monotonic() + delay, min(2 * delay, MAX_RELOAD_DELAY_S))
 
     def __is_ready__(self) -> bool:
         return self.served is not None

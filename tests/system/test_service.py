@@ -18,6 +18,7 @@ import httpx
 import psutil
 import pytest
 import sqlalchemy as sa
+from mlflow import MlflowClient
 from PIL import Image
 
 from bentos import guards
@@ -75,7 +76,15 @@ def server(tmp_path_factory, tiny_dataset, postgres_url, s3_endpoint):
         base = f"http://127.0.0.1:{port}"
         try:
             _wait_ready(base, process, data_dir / "bento.log")
-            yield {"base": base, "classes": classes, "dataset": tiny_dataset, "pid": process.pid, "suffix": suffix, **bearer}
+            yield {
+                "base": base,
+                "classes": classes,
+                "dataset": tiny_dataset,
+                "pid": process.pid,
+                "suffix": suffix,
+                "log": data_dir / "bento.log",
+                **bearer,
+            }
         finally:
             process.terminate()
             process.wait(30)
@@ -278,6 +287,25 @@ def test_a_promoted_version_is_served_without_restart(server):
         timeout=30,
     ).json()
     assert predicted["model"]["version"] == version
+
+
+def test_a_champion_that_fails_to_load_is_logged_once_and_the_served_one_keeps_serving(server):
+    """The watcher used to download a broken version again at every poll, logging each time."""
+    name, before = get_settings().registered_model_name, _served(server)
+    broken = register_tiny_model(server["classes"], seed=2, champion=False)
+    MlflowClient().set_model_version_tag(name, broken, "sha256.exported", "0" * 64)  # as if tampered with
+    promote(name, broken)
+    try:
+        time.sleep(8)  # 8 polls at INSECT_SERVE__RELOAD_INTERVAL_S=1: tries at about 1, 2, 4 and 8 s
+        assert _served(server) == before
+        log = server["log"].read_text()
+        assert log.count(f"could not load {name} v{broken}") == 1
+    finally:
+        promote(name, before)
+
+
+def _served(server) -> str:
+    return httpx.post(f"{server['base']}/model", headers=server["client"], timeout=30).json()["version"]
 
 
 def test_a_storage_outage_is_a_503_not_a_500():
