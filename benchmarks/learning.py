@@ -122,6 +122,7 @@ class Bench:
         """Train and prune as the retrain DAG does; the result measured on the fresh photos."""
         settings = self.settings.model_copy(update={"train": self.settings.train.model_copy(update={"seed": seed})})
         out = self.work / "models" / name
+        shutil.rmtree(out, ignore_errors=True)  # a finished stage's checkpoints would be resumed, not retrained
         started = time.perf_counter()
         trained = train(settings, dataset_dir=dataset, out_dir=out / "train", warm_start=warm_start)
         pruned = prune(settings, model_path=trained.model_path, dataset_dir=dataset, out_dir=out / "prune")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -136,12 +137,19 @@ def fit(
     run: RunLog = NO_RUN,
 ) -> tuple[float, int]:
     """Train with early stopping on `score_fn`; the best epoch's weights are restored from its
-    DeepSpeed checkpoint. Returns (best score, epochs run). Per-epoch metrics go to `run`."""
+    DeepSpeed checkpoint. Returns (best score, epochs run). Per-epoch metrics go to `run`.
+
+    Every epoch ends in a checkpoint of its own (weights, optimizer, schedule, and as client state
+    the epoch, the best so far and the random generators' states), so a run killed mid-way and
+    started again on the same `checkpoint_dir` (a retried task) resumes after the last complete
+    epoch, and one that had finished only restores its best epoch."""
     steps_per_epoch = min(len(loader), cfg.max_steps_per_epoch or len(loader))
     own_attributes = {id(obj): set(vars(obj)) for obj in [*model.parameters(), *model.modules()]}
     engine = deepspeed_engine(model, cfg, steps_per_epoch * epochs)
-    best, best_epoch, epoch = -float("inf"), -1, 0
-    for epoch in range(epochs):
+    progress = _resume(engine, checkpoint_dir, stage)
+    best, best_epoch, epoch = progress["best"], progress["best_epoch"], progress["epoch"]
+    first_epoch = epochs if progress["finished"] else epoch + 1
+    for epoch in range(first_epoch, epochs):
         loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         engine.train()
         losses = []
@@ -162,11 +170,45 @@ def fit(
         if score > best:
             best, best_epoch = score, epoch
             engine.save_checkpoint(str(checkpoint_dir), tag=f"{stage}-best")
-        elif epoch - best_epoch >= cfg.patience:
+        stop = epoch - best_epoch >= cfg.patience or epoch == epochs - 1
+        _save_progress(engine, checkpoint_dir, stage, epoch=epoch, best=best, best_epoch=best_epoch, finished=stop)
+        if stop:
             break
     engine.load_checkpoint(str(checkpoint_dir), tag=f"{stage}-best", load_optimizer_states=False, load_lr_scheduler_states=False)
     _release(engine, own_attributes)
     return best, epoch + 1
+
+
+def _save_progress(engine, checkpoint_dir: Path, stage: str, **progress) -> None:
+    """The epoch's own checkpoint, then the marker that points at it (replaced atomically), then
+    the epoch before it removed: a kill at any moment leaves the marker on a complete one."""
+    tag = f"{stage}-epoch{progress['epoch']}"
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={**progress, "rng": rng})
+    if is_rank0():
+        marker = checkpoint_dir / f"{stage}-progress.json"
+        previous = json.loads(marker.read_text())["tag"] if marker.is_file() else None
+        partial = marker.with_suffix(".partial")
+        partial.write_text(json.dumps({**progress, "tag": tag}))
+        partial.replace(marker)
+        if previous:
+            shutil.rmtree(checkpoint_dir / previous, ignore_errors=True)
+
+
+def _resume(engine, checkpoint_dir: Path, stage: str) -> dict:
+    """Where an earlier run of this stage on `checkpoint_dir` got to, with its states loaded into
+    `engine`; a fresh start when there is none."""
+    marker = checkpoint_dir / f"{stage}-progress.json"
+    if not marker.is_file():
+        return {"epoch": -1, "best": -float("inf"), "best_epoch": -1, "finished": False}
+    progress = json.loads(marker.read_text())
+    _, state = engine.load_checkpoint(str(checkpoint_dir), tag=progress["tag"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if is_rank0():
+        print(f"{stage}: resuming after epoch {progress['epoch'] + 1} from {checkpoint_dir / progress['tag']}", flush=True)
+    return progress
 
 
 def _release(engine, own_attributes: dict[int, set[str]]) -> None:

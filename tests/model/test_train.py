@@ -2,6 +2,10 @@ import copy
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -9,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from config import SyntheticDataConfig
+from config import REPO_ROOT, SyntheticDataConfig
 from ml.data import read_classes, read_split
 from ml.data.synthetic import generate_synthetic
 from ml.evaluate import score
@@ -185,3 +189,32 @@ def test_training_learns_well_above_chance_and_the_same_seed_gives_the_same_weig
     warm_model = load_classifier(warm.model_path)
     assert score(eager_predict_fn(warm_model), dataset, model.classes, model.image_size)["lab"].metrics["top1"] >= MIN_TINY_TOP1
     assert warm_classifier("coca_tiny", ["other", "species"], weights_file) is None  # other species: from scratch
+
+
+@pytest.mark.slow
+def test_a_training_killed_in_its_third_epoch_resumes_there_and_ends_as_an_uninterrupted_one(settings, tmp_path):
+    """A retried train task used to start again from epoch 0; now it resumes after the last complete
+    epoch, with the optimizer, schedule and random generators where they were."""
+    env = {**os.environ, "INSECT_TRAIN__FINETUNE_EPOCHS": "5", "INSECT_TRAIN__PATIENCE": "5"}
+
+    def train_command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "ml.train", "--out-dir", str(out), "--dataset-dir", str(settings.base_dataset_dir)]
+
+    killed = subprocess.Popen(train_command(tmp_path / "killed"), env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
+    progress = tmp_path / "killed" / "checkpoints" / "classifier-progress.json"
+    while not (progress.is_file() and json.loads(progress.read_text())["epoch"] == 1):  # two epochs done
+        assert killed.poll() is None, "training ended before its third epoch"
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+
+    resumed = subprocess.run(train_command(tmp_path / "killed"), env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "classifier: resuming after epoch 2" in resumed.stdout
+    assert "coca: resuming after epoch 1" in resumed.stdout  # pretraining had finished: restored, not rerun
+    uninterrupted = subprocess.run(train_command(tmp_path / "whole"), env=env, cwd=REPO_ROOT, capture_output=True)
+    assert uninterrupted.returncode == 0
+    results = [json.loads((tmp_path / name / "result.json").read_text()) for name in ("killed", "whole")]
+    assert results[0]["val_top1"] == results[1]["val_top1"] and results[0]["epochs_run"] == results[1]["epochs_run"] == 5
+    weights = [load_classifier(tmp_path / name / "classifier.pt").state_dict() for name in ("killed", "whole")]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
