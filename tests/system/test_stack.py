@@ -279,19 +279,14 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
 
 def artifact_digests(tracking_uri: str, name: str, version) -> dict[str, str]:
     """sha256 of every file of a registered version: its model's artifacts and its run's."""
-    # MLflow resolves a models:/ URI through the global registry URI, whatever it is passed
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
     digests = {}
-    try:
+    with _use_tracking_uri(tracking_uri):  # MLflow resolves models:/ URIs through the global URI only
         for label, source in (("model", f"models:/{name}/{version.version}"), ("run", f"runs:/{version.run_id}/")):
             root = Path(mlflow.artifacts.download_artifacts(source, dst_path=tempfile.mkdtemp()))
             for path in (p for p in root.rglob("*") if p.is_file()):
                 digests[f"{label}/{path.relative_to(root)}"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
     return digests
 
 
