@@ -6,7 +6,7 @@ UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast data lint fmt clean up down status system-packages
+.PHONY: demo test test-fast data lint fmt clean up down status system-packages loadtest
 
 $(UV):
 	python3 -m pip install --user --quiet uv || curl -LsSf https://astral.sh/uv/install.sh | sh
@@ -44,6 +44,10 @@ down: $(VENV)/.synced
 
 status: $(VENV)/.synced
 	$(PY) -m stack status
+
+# The Bento under load (locust at 1, 16 and 64 users; run `make demo` first): benchmarks/LOAD.md
+loadtest: $(VENV)/.synced
+	$(PY) -m benchmarks.load
 
 # Lint first: a style or import error fails in seconds, not after half an hour of tests.
 test: lint system-packages

@@ -4,24 +4,26 @@ it. Each refusal is a JSON `{"error": "..."}` with its 4xx status.
 - `ApiKeys`: every route but health, metrics and the API documentation needs an API key
   (`Authorization: Bearer KEY` or `X-API-Key: KEY`) whose role may call it: 401 without a known
   key, 403 for a role that may not, 429 with Retry-After over the key's rate limit (per role,
-  a moving window), 404 for a route that is not public. `/classify` is internal:
-  BentoML's batching calls it through the service's own ASGI app, with this process's token.
+  a moving window), 404 for a route that is not public.
+- `Admission`: at most so many requests on the upload routes at once; one more gets 503 with
+  Retry-After before its body is read. Every 503 the service answers carries Retry-After.
 - `UploadLimits`: 413 for a body over the limit, from Content-Length or while it streams in,
-  without reading the rest; 400 for a text value where a file belongs (BentoML would fetch it as
-  a URL).
+  without reading the rest; 400 for a form that does not parse (BentoML answers 500) and for a
+  text value where a file belongs (BentoML would fetch it as a URL).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import math
-import re
-import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from urllib.parse import parse_qs
+
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
 
 from feedback.keys import Caller
 
@@ -35,10 +37,9 @@ OPEN_PATHS = {
     "/healthz",
     "/metrics",
 }  # BentoML clients read /schema.json
-OPEN_PREFIXES = ("/static_content/",)  # the Swagger UI's files
-# Held in this process's memory only: what the service's calls to its own internal routes carry.
-INTERNAL_HEADER, INTERNAL_TOKEN = "x-insect-internal", secrets.token_urlsafe(32)
+OPEN_PREFIXES = ("/static_content/", "/health/")  # the Swagger UI's files, storage health
 MAX_CACHED_KEYS = 10_000
+RETRY_AFTER_S = "1"  # what a 503 tells a client to wait, in seconds
 KEY_CACHE_S = 5.0  # a revoked key is refused within this long; the database is asked once per key and period
 
 
@@ -71,14 +72,13 @@ class ApiKeys:
         *,
         authenticate: Callable[[str], Caller | None],
         route_roles: dict[str, str],
-        internal_routes: set[str],
         rate_limits: dict[str, str],
     ):
         from limits import parse
         from limits.aio.storage import MemoryStorage
         from limits.aio.strategies import MovingWindowRateLimiter
 
-        self.app, self.authenticate, self.route_roles, self.internal_routes = app, authenticate, route_roles, internal_routes
+        self.app, self.authenticate, self.route_roles = app, authenticate, route_roles
         self.rates = {role: parse(rate) for role, rate in rate_limits.items()}  # e.g. "120/minute"
         self.limiter = MovingWindowRateLimiter(MemoryStorage())
         self._known: dict[str, tuple[Caller | None, float]] = {}
@@ -87,15 +87,16 @@ class ApiKeys:
         path = scope.get("path", "")
         if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return await self.app(scope, receive, send)
-        if path in self.internal_routes and hmac.compare_digest(header(scope, INTERNAL_HEADER.encode()) or "", INTERNAL_TOKEN):
-            return await self.app(scope, receive, send)
         needed = self.route_roles.get(path)
         if needed is None:
             return await reply(send, 404, f"no route {path}; see /docs")
         key = presented_key(scope)
         if not key:
             return await reply(send, 401, "send an API key: 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
-        caller = await self._caller(key)
+        try:
+            caller = await self._caller(key)
+        except KeysUnavailableError:
+            return await reply(send, 503, "API keys cannot be checked now; retry later", {"retry-after": RETRY_AFTER_S})
         if caller is None:
             return await reply(send, 401, "unknown or revoked API key")
         if not caller.may_act_as(needed):
@@ -115,13 +116,59 @@ class ApiKeys:
         return max(1, math.ceil(stats.reset_time - time.time()))
 
     async def _caller(self, key: str) -> Caller | None:
+        """The key's caller, asked of the database at most once per KEY_CACHE_S. While the
+        database is down, a key it answered for before keeps its last answer."""
         cached = self._known.get(key)
         if cached is None or cached[1] < time.monotonic():
             if len(self._known) > MAX_CACHED_KEYS:  # a flood of made-up keys must not grow it without bound
                 self._known.clear()
-            cached = (await asyncio.to_thread(self.authenticate, key), time.monotonic() + KEY_CACHE_S)
+            try:
+                cached = (await asyncio.to_thread(self.authenticate, key), time.monotonic() + KEY_CACHE_S)
+            except Exception as error:
+                if cached is None:
+                    raise KeysUnavailableError from error
+                return cached[0]
             self._known[key] = cached
         return cached[0]
+
+
+class KeysUnavailableError(Exception):
+    """The key database did not answer for a key it has not answered for before."""
+
+
+class Admission:
+    """At most `max_in_flight` requests on `routes` at once: past that, 503 with Retry-After
+    before the body is read, so a burst queues within a bound instead of without one. Every 503
+    from the app (storage down, no model yet) gets Retry-After too."""
+
+    def __init__(self, app, *, routes: set[str], max_in_flight: int):
+        self.app, self.routes, self.max_in_flight = app, routes, max_in_flight
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        counted = scope.get("path") in self.routes
+        if counted and self.in_flight >= self.max_in_flight:
+            message = f"the service is at its limit of {self.max_in_flight} requests at once; retry in {RETRY_AFTER_S} s"
+            return await reply(send, 503, message, {"retry-after": RETRY_AFTER_S})
+        self.in_flight += counted
+        scope.setdefault("state", {})["received_at"] = time.perf_counter()  # the handler times its upload from here
+        try:
+            await self.app(scope, receive, _retry_after_on_503(send))
+        finally:
+            self.in_flight -= counted
+
+
+def _retry_after_on_503(send):
+    async def sending(message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 503:
+            headers = list(message.get("headers", []))
+            if not any(name.lower() == b"retry-after" for name, _ in headers):
+                message = {**message, "headers": [*headers, (b"retry-after", RETRY_AFTER_S.encode())]}
+        await send(message)
+
+    return sending
 
 
 class BodyTooLargeError(Exception):
@@ -146,8 +193,8 @@ class UploadLimits:
             body = await self._read(receive)
         except BodyTooLargeError:
             return await reply(send, 413, too_large)
-        if text_field := self._text_in_file_field(scope, body):
-            return await reply(send, 400, f"{text_field!r} must be an uploaded file, not text")
+        if refusal := await self._refusal(scope, body):
+            return await reply(send, 400, refusal)
         await self.app(scope, _replay(body, receive), send)
 
     async def _read(self, receive) -> bytes:
@@ -163,12 +210,19 @@ class UploadLimits:
             more = message.get("more_body", False)
         return b"".join(chunks)
 
-    def _text_in_file_field(self, scope, body: bytes) -> str | None:
-        """A file field sent as a value (text, JSON, a form field without a filename): its name."""
+    async def _refusal(self, scope, body: bytes) -> str | None:
+        """Why the body gets a 400, if it does: a form that does not parse (BentoML answers those
+        with a 500), or a file field sent as a value (text, JSON, a form field without a
+        filename), which BentoML would fetch as a URL."""
         content_type = header(scope, b"content-type") or ""
         if content_type.startswith("multipart/form-data"):
-            return next(_multipart_values(content_type, body, self.file_fields), None)
-        if content_type.startswith("application/x-www-form-urlencoded"):
+            try:  # Starlette's parser, the one BentoML runs next
+                form = await Request(scope, _replay(body, None)).form()
+            except (MultiPartException, HTTPException) as error:
+                return f"malformed multipart/form-data: {getattr(error, 'detail', error)}"
+            fields = {name: value for name, value in form.multi_items() if isinstance(value, str)}
+            await form.close()
+        elif content_type.startswith("application/x-www-form-urlencoded"):
             fields = parse_qs(body.decode("latin-1"))
         elif content_type.startswith("application/json"):
             try:
@@ -177,19 +231,8 @@ class UploadLimits:
                 return None  # BentoML answers malformed JSON itself
         else:
             return None
-        return next((name for name in self.file_fields if isinstance(fields, dict) and name in fields), None)
-
-
-def _multipart_values(content_type: str, body: bytes, file_fields: set[str]) -> Iterator[str]:
-    """The names of multipart parts in `file_fields` that carry no filename."""
-    boundary = re.search(r"boundary=\"?([^\";]+)", content_type)
-    if not boundary:
-        return
-    for part in body.split(b"--" + boundary.group(1).encode()):
-        headers = part.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
-        name = re.search(r'content-disposition:[^\r\n]*\bname="([^"]*)"', headers)
-        if name and name.group(1) in file_fields and "filename=" not in headers:
-            yield name.group(1)
+        text = next((name for name in self.file_fields if isinstance(fields, dict) and name in fields), None)
+        return text and f"{text!r} must be an uploaded file, not text"
 
 
 def _replay(body: bytes, receive):

@@ -2,11 +2,15 @@
 
     POST /predict    an image (JPEG/PNG) -> top-k species, with the model version that answered
     POST /feedback   a corrected label for an image or an earlier prediction -> a feedback id
-    POST /model      what is being served;   /livez, /readyz, /docs.json: BentoML's own
+    POST /model      what is being served
+    GET  /health/storage   whether the database and the image store answer (/readyz: the model)
+    /livez, /readyz, /metrics, /docs.json: BentoML's own
 
 The model is the registry's `champion`, checked against its registered sha256 before use, and
-swapped in place when the alias moves. Predictions are batched across requests (adaptive
-batching); feedback rows go to PostgreSQL and images to S3 (or local files), see `feedback/`.
+swapped in place when the alias moves. Predictions are batched across requests (`batching.py`);
+feedback rows go to PostgreSQL and images to S3 (or local files), see `feedback/`, through
+storage threads of their own (`storage.py`). /metrics has where a request's time goes
+(`insect_request_phase_seconds`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 import hashlib
 import io
 import logging
+import os
 import threading
 import time
 import warnings
@@ -27,14 +32,17 @@ from pathlib import Path
 import attr
 import bentoml
 import numpy as np
-import sqlalchemy as sa
+import psutil
 from bentoml._internal.service.openapi.specification import Info
 from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, ServiceUnavailable, UnprocessableEntity
-from botocore.exceptions import BotoCoreError, ClientError
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
-from bentos.guards import INTERNAL_HEADER, INTERNAL_TOKEN, ApiKeys, UploadLimits
+from bentos.batching import Batched, Batcher
+from bentos.guards import Admission, ApiKeys, UploadLimits
+from bentos.storage import StorageLane
 from config import get_settings
 from feedback import db
 from feedback.images import image_key, image_store
@@ -51,6 +59,13 @@ FORMATS = {"JPEG": ("image/jpeg", ".jpg"), "MPO": ("image/jpeg", ".jpg"), "PNG":
 MAX_RELOAD_DELAY_S = 3600.0  # the longest wait before a version that failed to load is tried again
 MAX_IDEMPOTENCY_KEY = 200  # characters of a client's Idempotency-Key header
 FORM_OVERHEAD_BYTES = 64 * 1024  # a request may carry this much besides the image: fields, part headers
+PHASES = bentoml.metrics.Histogram(
+    name="insect_request_phase_seconds",
+    documentation="Where a request's time goes: upload_parse (from the door to the handler: body, form, "
+    "temp file), decode, preprocess, queue (waiting for the model), model (its batch's run), image_store, database",
+    labelnames=["route", "phase"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+)
 
 
 class SpeciesScore(BaseModel):
@@ -65,18 +80,14 @@ class ModelInfo(BaseModel):
 
 
 class PredictionResponse(BaseModel):
-    prediction_id: str = Field(description="pass it to /feedback to correct this prediction")
+    prediction_id: str | None = Field(
+        description="pass it to /feedback to correct this prediction; null when the prediction could not be "
+        "stored (feedback storage down): the species are right, send the image itself to /feedback"
+    )
     species: str
     probability: float
     top_k: list[SpeciesScore]
     model: ModelInfo
-
-
-class Scores(BaseModel):
-    """One image's class probabilities and the version that produced them."""
-
-    probabilities: list[float]
-    version: str
 
 
 class FeedbackReceipt(BaseModel):
@@ -124,29 +135,51 @@ def check_trainable_size(width: int, height: int) -> None:
 
 
 @contextmanager
-def storage_unavailable_as_503() -> Iterator[None]:
-    """A database or bucket outage is the client's cue to retry, not a server bug."""
+def timed(route: str, phase: str) -> Iterator[None]:
+    started = time.perf_counter()
     try:
         yield
-    except (sa.exc.OperationalError, BotoCoreError, ClientError, OSError) as error:
-        logger.exception("feedback storage failed")
-        raise ServiceUnavailable(f"feedback storage is unavailable, retry later ({type(error).__name__})") from error
+    finally:
+        PHASES.labels(route=route, phase=phase).observe(time.perf_counter() - started)
 
 
+def share_cores(workers: int) -> None:
+    """Give each worker process its share of the physical cores for the model's threads (TVM's
+    pool, torch's intra-op threads): two workers each using every core would fight over them."""
+    import torch
+
+    cores = max(1, (psutil.cpu_count(logical=False) or 1) // workers)
+    os.environ.setdefault("TVM_NUM_THREADS", str(cores))  # read when TVM's pool starts, at the first run
+    torch.set_num_threads(cores)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    exps = np.exp(logits - logits.max())
+    return exps / exps.sum()
+
+
+health = FastAPI(title="Insect classifier health", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@bentoml.asgi_app(health, path="/health")
 @bentoml.service(
     name="insect_classifier",
-    workers=1,
+    workers=settings.serve.workers,
     threads=8,
-    traffic={"timeout": 60, "max_concurrency": 256},
+    traffic={"timeout": 60},  # how many requests may wait is bounded at the door: guards.Admission
     http={"port": settings.serve.port, "host": settings.serve.host},
 )
 class InsectClassifier:
     def __init__(self) -> None:
         configure(settings)
+        share_cores(settings.serve.workers)
         self.name = settings.registered_model_name
         self.served: ServedModel | None = None
         self.db = db.engine(settings)
         self.images = image_store(settings)
+        serve = settings.serve
+        self.storage = StorageLane(serve.storage_threads, serve.storage_retry_s)
+        self.batcher = Batcher(self._run_batch, serve.max_batch_size)
         self._reload()
         threading.Thread(target=self._watch_alias, name="alias-watcher", daemon=True).start()
 
@@ -189,51 +222,63 @@ class InsectClassifier:
             raise ServiceUnavailable(f"no {self.name!r} version has alias {settings.serve.alias!r} yet")
         return self.served
 
-    @bentoml.api(batchable=True, max_batch_size=settings.serve.max_batch_size, max_latency_ms=settings.serve.max_latency_ms)
-    def classify(self, images: np.ndarray) -> list[Scores]:
-        """Class probabilities for a batch of preprocessed images (float32 NCHW in [0, 1])."""
-        served = self._model()  # one version for the whole batch
-        logits = served.predict(images.astype(np.float32))
-        probabilities = np.exp(logits - logits.max(1, keepdims=True))
-        probabilities /= probabilities.sum(1, keepdims=True)
-        return [Scores(probabilities=row.tolist(), version=served.version) for row in probabilities]
+    def _run_batch(self, images: np.ndarray) -> tuple[np.ndarray, ServedModel]:
+        """Logits for a batch of preprocessed images (float32 NCHW in [0, 1]), and the version
+        that produced them: one version for the whole batch, even when the alias moves."""
+        served = self._model()
+        return served.predict(images), served
 
     @bentoml.api(route="/predict")
-    async def predict(self, image: Path, top_k: int = Field(default=settings.serve.top_k, ge=1, le=102)) -> PredictionResponse:
+    async def predict(
+        self, image: Path, top_k: int = Field(default=settings.serve.top_k, ge=1, le=102), ctx: bentoml.Context = None
+    ) -> PredictionResponse:
         """Species of the insect in a JPEG or PNG image, most likely first."""
-        data, decoded = await asyncio.to_thread(read_image, image, settings.feedback.max_image_bytes)
-        served = self._model()
-        pixels = await asyncio.to_thread(preprocess, decoded, served.model.image_size)
-        scores = (await self._batched_classify()(pixels[None]))[0]
-        if scores.version != served.version:  # the champion moved while this image queued
-            served = self._model()
-        ranked = np.argsort(scores.probabilities)[::-1][:top_k]
-        top = [SpeciesScore(species=served.model.classes[i], probability=scores.probabilities[i]) for i in ranked]
-        with storage_unavailable_as_503():
-            sha, key = await asyncio.to_thread(self._store_image, data, decoded.format)
-            prediction_id = await asyncio.to_thread(
-                db.record_prediction,
-                self.db,
-                model_name=self.name,
-                model_version=scores.version,
-                backend=served.backend,
-                label=top[0].species,
-                probability=top[0].probability,
-                image_sha256=sha,
-                image_key=key,
-                image_width=decoded.width,
-                image_height=decoded.height,
-            )
+        PHASES.labels(route="predict", phase="upload_parse").observe(time.perf_counter() - ctx.request.state.received_at)
+        with timed("predict", "decode"):
+            data, decoded = await asyncio.to_thread(read_image, image, settings.feedback.max_image_bytes)
+        with timed("predict", "preprocess"):
+            pixels = await asyncio.to_thread(preprocess, decoded, self._model().model.image_size)
+        scored: Batched = await self.batcher(pixels)
+        PHASES.labels(route="predict", phase="queue").observe(scored.queue_s)
+        PHASES.labels(route="predict", phase="model").observe(scored.model_s)
+        served, probabilities = scored.result, softmax(scored.logits)
+        ranked = np.argsort(probabilities)[::-1][:top_k]
+        top = [SpeciesScore(species=served.model.classes[i], probability=float(probabilities[i])) for i in ranked]
         return PredictionResponse(
-            prediction_id=prediction_id,
+            prediction_id=await self._store_prediction(data, decoded, served, top[0]),
             species=top[0].species,
             probability=top[0].probability,
             top_k=top,
-            model=ModelInfo(name=self.name, version=scores.version, backend=served.backend),
+            model=ModelInfo(name=self.name, version=served.version, backend=served.backend),
         )
 
+    async def _store_prediction(self, data: bytes, decoded: Image.Image, served: ServedModel, top: SpeciesScore) -> str | None:
+        """The stored prediction's id; None while storage is down: a prediction never waits for
+        an outage (the first failure is waited for, then storage is skipped for a few seconds)."""
+        if not self.storage.available:
+            return None
+        try:
+            with timed("predict", "image_store"):
+                sha, key = await self.storage(self._store_image, data, decoded.format)
+            with timed("predict", "database"):
+                return await self.storage(
+                    db.record_prediction,
+                    self.db,
+                    model_name=self.name,
+                    model_version=served.version,
+                    backend=served.backend,
+                    label=top.species,
+                    probability=top.probability,
+                    image_sha256=sha,
+                    image_key=key,
+                    image_width=decoded.width,
+                    image_height=decoded.height,
+                )
+        except ServiceUnavailable:
+            return None
+
     @bentoml.api(route="/feedback")
-    def feedback(
+    async def feedback(
         self,
         corrected_label: str = Field(description="the right species, one of POST /model's classes"),
         # Annotated as plain Path: BentoML 1.4 cannot build a schema for an Optional file upload.
@@ -257,34 +302,34 @@ class InsectClassifier:
             raise UnprocessableEntity(f"unknown species {corrected_label!r}; POST /model lists the {len(classes)} known ones")
         if (image is None) == (prediction_id is None):
             raise InvalidArgument("send either an image or a prediction_id, not both and not neither")
-        with storage_unavailable_as_503():
-            if idempotency_key and (first := db.feedback_with_key(self.db, caller.name, idempotency_key)):
-                return self._receipt(first)  # a retry: the first answer, nothing stored again
-            if prediction_id is not None:
-                earlier = db.get_prediction(self.db, prediction_id)
-                if earlier is None:
-                    raise NotFound(f"no prediction with id {prediction_id!r}")
-                if earlier.image_width is not None:
-                    check_trainable_size(earlier.image_width, earlier.image_height)
-                sha, key, predicted_label = earlier.image_sha256, earlier.image_key, predicted_label or earlier.label
-            else:
-                if not predicted_label:
-                    raise InvalidArgument("predicted_label is required with an image")
-                data, decoded = read_image(image, settings.feedback.max_image_bytes)
-                check_trainable_size(*decoded.size)
-                sha, key = self._store_image(data, decoded.format)
-            stored = db.record_feedback(
-                self.db,
-                image_sha256=sha,
-                image_key=key,
-                predicted_label=predicted_label,
-                corrected_label=corrected_label,
-                user_id=user_id,
-                prediction_id=prediction_id,
-                kind=kind,
-                submitted_by=caller.name,
-                idempotency_key=idempotency_key,
-            )
+        if idempotency_key and (first := await self.storage(db.feedback_with_key, self.db, caller.name, idempotency_key)):
+            return self._receipt(first)  # a retry: the first answer, nothing stored again
+        if prediction_id is not None:
+            earlier = await self.storage(db.get_prediction, self.db, prediction_id)
+            if earlier is None:
+                raise NotFound(f"no prediction with id {prediction_id!r}")
+            if earlier.image_width is not None:
+                check_trainable_size(earlier.image_width, earlier.image_height)
+            sha, key, predicted_label = earlier.image_sha256, earlier.image_key, predicted_label or earlier.label
+        else:
+            if not predicted_label:
+                raise InvalidArgument("predicted_label is required with an image")
+            data, decoded = await asyncio.to_thread(read_image, image, settings.feedback.max_image_bytes)
+            check_trainable_size(*decoded.size)
+            sha, key = await self.storage(self._store_image, data, decoded.format)
+        stored = await self.storage(
+            db.record_feedback,
+            self.db,
+            image_sha256=sha,
+            image_key=key,
+            predicted_label=predicted_label,
+            corrected_label=corrected_label,
+            user_id=user_id,
+            prediction_id=prediction_id,
+            kind=kind,
+            submitted_by=caller.name,
+            idempotency_key=idempotency_key,
+        )
         return self._receipt(stored)
 
     def _receipt(self, stored) -> FeedbackReceipt:
@@ -302,11 +347,20 @@ class InsectClassifier:
             "image_size": served.model.image_size,
         }
 
-    def _batched_classify(self):
-        """`classify` through BentoML's batching, which calls the route on the service's own ASGI
-        app: with this process's token, the one way past the guards to that internal route."""
-        self.to_async.default_headers[INTERNAL_HEADER] = INTERNAL_TOKEN  # its sessions share this dict
-        return self.to_async.classify
+    @health.get("/storage")
+    async def storage_health(self) -> JSONResponse:
+        """Whether the database and the image store answer now, each on its own; 503 when one
+        does not. Readiness (/readyz) is the model's alone: predictions go on without storage."""
+        checks = {"database": lambda: db.ping(self.db), "images": self.images.check}
+        answers = {}
+        for name, check in checks.items():
+            try:
+                await self.storage(check)
+                answers[name] = "ok"
+            except ServiceUnavailable as error:
+                answers[name] = f"unavailable: {error}"
+        healthy = all(answer == "ok" for answer in answers.values())
+        return JSONResponse(answers, status_code=200 if healthy else 503)
 
     def _store_image(self, data: bytes, image_format: str) -> tuple[str, str]:
         """Store the upload (content-addressed, so a repeat is free); returns (sha256, key)."""
@@ -322,12 +376,12 @@ InsectClassifier.add_asgi_middleware(
     ApiKeys,
     authenticate=lambda key: caller_for(db.engine(settings), key),
     route_roles={"/predict": "client", "/feedback": "client", "/model": "client"},
-    internal_routes={"/classify"},
     rate_limits=settings.serve.rate_limits,
 )
+InsectClassifier.add_asgi_middleware(Admission, routes={"/predict", "/feedback"}, max_in_flight=settings.serve.max_in_flight)
 InsectClassifier.add_asgi_middleware(
     UploadLimits,
-    routes={"/predict", "/feedback"},
+    routes={"/predict", "/feedback", "/model"},
     max_bytes=settings.feedback.max_image_bytes + FORM_OVERHEAD_BYTES,
     file_fields={"image"},
 )
@@ -343,7 +397,10 @@ served model knows) and takes corrections that train the next model.
   the first answer and stores nothing.
 - `POST /model`: the served model version, its backend and the species it knows.
 
-Every route but `/livez`, `/readyz`, `/metrics` and this document needs an API key, sent as
+While feedback storage is down, `/predict` still answers, with `prediction_id` null, and
+`/feedback` answers 503 with Retry-After; `GET /health/storage` says which store is down.
+
+Every route but `/livez`, `/readyz`, `/health/storage`, `/metrics` and this document needs an API key, sent as
 `Authorization: Bearer <key>` or `X-API-Key: <key>` (`python -m feedback keys create`)."""
 
 

@@ -134,6 +134,8 @@ class FeedbackConfig(Section):
     # share of new trainable images held out of training as the field slice (chosen by image hash)
     field_holdout_share: float = Field(0.2, ge=0.0, lt=1.0)
     ingest_schedule: str = "@hourly"  # the ingest DAG's schedule (cron or preset)
+    # every database and S3 call gives up after this long (connect, statement, pool wait, read)
+    storage_timeout_s: float = Field(5.0, gt=0)
 
 
 class ServeConfig(Section):
@@ -147,8 +149,13 @@ class ServeConfig(Section):
     backend: Literal["auto", "tvm", "eager"] = "auto"  # auto: the TVM build when it fits this CPU
     # requests per API key and moving window, by role (limits' notation); JSON to override
     rate_limits: dict[str, str] = {"client": "120/minute", "labeler": "1200/minute", "admin": "1200/minute"}
-    max_batch_size: int = 32
-    max_latency_ms: int = 200
+    workers: int = 1  # service processes, each with its own model and batching
+    max_batch_size: int = 32  # images the model runs at once (1: no batching)
+    # /predict and /feedback requests taken at once; one more gets 503 with Retry-After at the door
+    max_in_flight: int = 256
+    storage_threads: int = 4  # database and S3 calls run on these, never on classification's threads
+    # after a storage failure, predictions are answered without being stored for this long
+    storage_retry_s: float = 5.0
 
 
 class RetryConfig(Section):

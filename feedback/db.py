@@ -125,22 +125,41 @@ def database_url(settings: Settings, *, start: bool = True) -> str:
 
 
 @cache
-def engine_for(url: str) -> sa.Engine:
+def engine_for(url: str, timeout_s: float = 5.0) -> sa.Engine:
+    """A pooled engine on a migrated database whose every wait is bounded by `timeout_s`: the
+    connection, each statement and a wait for a free pooled connection (an outage then fails
+    fast, as `sa.exc.OperationalError` or the pool's `sa.exc.TimeoutError`, instead of hanging)."""
     migrate(url)
-    return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    return sa.create_engine(
+        url,
+        pool_size=10,
+        max_overflow=20,
+        pool_pre_ping=True,
+        pool_timeout=timeout_s,
+        connect_args={
+            "connect_timeout": max(1, round(timeout_s)),
+            "options": f"-c statement_timeout={round(timeout_s * 1000)}",
+        },
+    )
 
 
 def engine(settings: Settings) -> sa.Engine:
-    """A pooled engine on a migrated database, one per URL and process."""
-    return engine_for(database_url(settings))
+    """The configured database's engine, one per URL and process."""
+    return engine_for(database_url(settings), settings.feedback.storage_timeout_s)
 
 
 def record_prediction(db: sa.Engine, **columns: str | float) -> str:
     """Insert a prediction (every column of `predictions` but `id`, by name); returns its new id."""
     prediction_id = str(uuid.uuid4())
     with db.begin() as conn:
-        conn.execute(predictions.insert().values(id=prediction_id, **columns))
+        conn.execute(predictions.insert(), {"id": prediction_id, **columns})  # one cached statement for all
     return prediction_id
+
+
+def ping(db: sa.Engine) -> None:
+    """Raises when the database does not answer."""
+    with db.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
 
 
 def get_prediction(db: sa.Engine, prediction_id: str) -> sa.Row | None:

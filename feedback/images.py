@@ -3,6 +3,7 @@ otherwise as files under the data directory. Storing the same image twice is a n
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Protocol
 
@@ -20,14 +21,19 @@ class ImageStore(Protocol):
 
     def get(self, key: str) -> bytes | None: ...  # None: no such image (an outage raises)
 
+    def check(self) -> None: ...  # raises when the store does not answer
+
 
 class S3ImageStore:
-    def __init__(self, bucket: str, endpoint_url: str | None = None):
+    def __init__(self, bucket: str, endpoint_url: str | None = None, timeout_s: float = 5.0):
         import boto3
+        from botocore.config import Config
 
         self.bucket = bucket
         self.location = f"s3://{bucket}"
-        self._s3 = boto3.client("s3", endpoint_url=endpoint_url)
+        # bounded: an unreachable store fails within about twice timeout_s, one retry included
+        bounded = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"mode": "standard", "max_attempts": 2})
+        self._s3 = boto3.client("s3", endpoint_url=endpoint_url, config=bounded)
 
     def ensure_bucket(self) -> None:
         from botocore.exceptions import ClientError
@@ -36,6 +42,9 @@ class S3ImageStore:
             self._s3.head_bucket(Bucket=self.bucket)
         except ClientError:
             self._s3.create_bucket(Bucket=self.bucket)
+
+    def check(self) -> None:
+        self._s3.head_bucket(Bucket=self.bucket)
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
@@ -59,9 +68,14 @@ class LocalImageStore:
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
+        # a name of its own per write: two uploads of one image at once must not share a file
+        partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
         partial.write_bytes(data)
         partial.replace(path)  # atomic: a crash never leaves a truncated image under the key
+
+    def check(self) -> None:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"no image directory {self.root}")
 
     def get(self, key: str) -> bytes | None:
         path = self.root / key
@@ -71,7 +85,7 @@ class LocalImageStore:
 def image_store(settings: Settings) -> ImageStore:
     cfg = settings.feedback
     if cfg.s3_bucket:
-        store = S3ImageStore(cfg.s3_bucket, cfg.s3_endpoint_url or None)
+        store = S3ImageStore(cfg.s3_bucket, cfg.s3_endpoint_url or None, cfg.storage_timeout_s)
         store.ensure_bucket()
         return store
     return LocalImageStore(settings.image_store_dir)

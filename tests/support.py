@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 
-from config import get_settings
+from config import REPO_ROOT, get_settings
 from feedback import db
 from feedback.images import image_key, image_store
 from ml.compile import export
@@ -91,3 +98,71 @@ def post_feedback(
         kind=kind,
         submitted_by=submitted_by,
     ).id
+
+
+def bento_env(data_dir: Path, port: int, database_url: str, s3_endpoint: str, bucket: str, **extra: str) -> dict[str, str]:
+    """The service's settings for a test: tiny models, a registry in `data_dir`, the given
+    PostgreSQL and S3, a fast alias poll and rate limits no test reaches unless it sets its own."""
+    return {
+        **TINY_ENV,
+        "INSECT_DATA_DIR": str(data_dir),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{data_dir / 'mlflow.db'}",
+        "INSECT_FEEDBACK__DATABASE_URL": database_url,
+        "INSECT_FEEDBACK__S3_BUCKET": bucket,
+        "INSECT_FEEDBACK__S3_ENDPOINT_URL": s3_endpoint,
+        "INSECT_SERVE__RELOAD_INTERVAL_S": "1",
+        "INSECT_SERVE__PORT": str(port),
+        "INSECT_SERVE__RATE_LIMITS": json.dumps({role: "1000000/minute" for role in ("client", "labeler", "admin")}),
+        **extra,
+    }
+
+
+class BentoServer:
+    """`bentoml serve` of the service on `port`, its output in `log`, in this process's
+    environment (set up with `bento_env`) with `env` over it."""
+
+    def __init__(self, port: int, log: Path, env: dict[str, str] | None = None):
+        self.port, self.log, self.env = port, log, env or {}
+        self.base = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> BentoServer:
+        bentoml = str(Path(sys.executable).with_name("bentoml"))
+        with open(self.log, "a") as out:
+            self.process = subprocess.Popen(
+                [bentoml, "serve", "bentos.service:InsectClassifier", "--port", str(self.port)],
+                cwd=REPO_ROOT,
+                env={**os.environ, **self.env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def wait_ready(self, timeout_s: float = 180) -> BentoServer:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()[-4000:]
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(self.log.read_text()[-4000:])
+
+    def tree(self) -> list[psutil.Process]:
+        """The server and its workers (which BentoML starts in process groups of their own)."""
+        root = psutil.Process(self.process.pid)
+        return [root, *root.children(recursive=True)]
+
+    def kill(self) -> None:
+        """SIGKILL to the server and every worker at once: a crash, nothing cleaned up."""
+        processes = self.tree()
+        for process in processes:
+            process.kill()
+        psutil.wait_procs(processes, timeout=30)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)

@@ -5,6 +5,7 @@ import http.server
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -22,12 +23,12 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from bentos import guards
-from config import REPO_ROOT, get_settings
+from config import get_settings
 from feedback import db, keys
 from feedback.db import feedback as feedback_table
 from ml.data import read_classes, read_split
 from registry import promote
-from tests.support import TINY_ENV, free_port, register_tiny_model
+from tests.support import BentoServer, bento_env, free_port, register_tiny_model
 from tests.system.hostile_uploads import EXPECTED, hostile_uploads
 
 BUCKET = "insect-feedback-test"
@@ -40,20 +41,17 @@ def server(tmp_path_factory, tiny_dataset, postgres_url, s3_endpoint):
     """The service on a fresh port, serving v1 of a registry in a temp dir."""
     data_dir = tmp_path_factory.mktemp("service")
     port = free_port()
-    env = {
-        **TINY_ENV,
-        "INSECT_DATA_DIR": str(data_dir),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{data_dir / 'mlflow.db'}",
-        "INSECT_FEEDBACK__DATABASE_URL": postgres_url,
-        "INSECT_FEEDBACK__S3_BUCKET": BUCKET,
-        "INSECT_FEEDBACK__S3_ENDPOINT_URL": s3_endpoint,
-        "INSECT_FEEDBACK__MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
-        "INSECT_SERVE__RELOAD_INTERVAL_S": "1",
-        "INSECT_SERVE__PORT": str(port),
-        "INSECT_SERVE__RATE_LIMITS": json.dumps(
+    env = bento_env(
+        data_dir,
+        port,
+        postgres_url,
+        s3_endpoint,
+        BUCKET,
+        INSECT_FEEDBACK__MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
+        INSECT_SERVE__RATE_LIMITS=json.dumps(
             {"client": f"{CLIENT_RATE}/minute", "labeler": "100000/minute", "admin": "100000/minute"}
         ),
-    }
+    )
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
@@ -65,43 +63,21 @@ def server(tmp_path_factory, tiny_dataset, postgres_url, s3_endpoint):
             role: {"Authorization": f"Bearer {keys.create_key(db.engine(get_settings()), name=f'{role}-{suffix}', role=role)}"}
             for role in keys.ROLES
         }
-        with open(data_dir / "bento.log", "w") as log:
-            process = subprocess.Popen(
-                [str(Path(sys.executable).with_name("bentoml")), "serve", "bentos.service:InsectClassifier", "--port", str(port)],
-                cwd=REPO_ROOT,
-                env={**os.environ},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        base = f"http://127.0.0.1:{port}"
+        bento = BentoServer(port, data_dir / "bento.log").start()
         try:
-            _wait_ready(base, process, data_dir / "bento.log")
+            bento.wait_ready()
             yield {
-                "base": base,
+                "base": bento.base,
                 "classes": classes,
                 "dataset": tiny_dataset,
-                "pid": process.pid,
+                "pid": bento.process.pid,
                 "suffix": suffix,
-                "log": data_dir / "bento.log",
+                "log": bento.log,
                 **bearer,
             }
         finally:
-            process.terminate()
-            process.wait(30)
+            bento.stop()
             get_settings.cache_clear()
-
-
-def _wait_ready(base: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()[-4000:]
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(log.read_text()[-4000:])
 
 
 def _jpeg(dataset: Path, index: int = 0) -> bytes:
@@ -308,13 +284,19 @@ def _served(server) -> str:
     return httpx.post(f"{server['base']}/model", headers=server["client"], timeout=30).json()["version"]
 
 
-def test_a_storage_outage_is_a_503_not_a_500():
+def test_a_storage_outage_is_a_503_and_predictions_skip_storage_for_a_while():
     from bentoml.exceptions import ServiceUnavailable
 
-    from bentos.service import storage_unavailable_as_503
+    from bentos.storage import StorageLane
 
-    with pytest.raises(ServiceUnavailable, match="retry later"), storage_unavailable_as_503():
+    def refused():
         raise sa.exc.OperationalError("INSERT", {}, Exception("connection refused"))
+
+    lane = StorageLane(threads=1, retry_s=60)
+    assert lane.available
+    with pytest.raises(ServiceUnavailable, match="retry later"):
+        asyncio.run(lane(refused))
+    assert not lane.available
 
 
 def _stored() -> tuple[int, ...]:
@@ -356,7 +338,7 @@ def test_a_key_works_as_x_api_key_too_and_health_and_docs_need_none(server):
         assert httpx.get(f"{server['base']}{path}", timeout=10).status_code == 200, path
 
 
-def test_classify_is_not_a_public_route(server):
+def test_a_route_that_is_not_public_is_a_404_even_for_an_admin(server):
     response = httpx.post(f"{server['base']}/classify", json={"images": [[[[0.0]]]]}, headers=server["admin"], timeout=10)
     assert response.status_code == 404 and "no route" in response.json()["error"]
 
@@ -453,6 +435,22 @@ def test_hostile_uploads_get_a_2xx_or_a_4xx_with_a_message_never_a_5xx(server, c
             assert response.text.strip() and "Traceback" not in response.text and _stored() == before
 
 
+@pytest.mark.parametrize("route", ["/predict", "/feedback", "/model"])
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b""),
+        ("multipart/form-data; boundary=b0", b"--b0\r\n\xbb\xfa\xf1\xa2--b0--\r\n"),
+    ],
+    ids=["no boundary", "unparsable part"],
+)
+def test_a_malformed_form_is_a_400_not_a_500(server, route, content_type, body):
+    """Found by the fuzzing below: BentoML answered both with a 500."""
+    headers = {**server["admin"], "Content-Type": content_type}
+    response = httpx.post(f"{server['base']}{route}", content=body, headers=headers, timeout=30)
+    assert response.status_code == 400 and "malformed multipart" in response.json()["error"]
+
+
 def test_feedback_on_a_prediction_of_an_untrainable_size_is_a_422(server):
     name, data, content_type = HOSTILE["huge aspect"]
     predicted = httpx.post(
@@ -485,3 +483,39 @@ def test_bentomls_own_client_calls_with_a_token(server):
     key = server["client"]["Authorization"].removeprefix("Bearer ")
     with bentoml.SyncHTTPClient(server["base"], token=key, timeout=30) as client:
         assert client.model()["classes"] == server["classes"]
+
+
+def test_fuzzing_from_the_openapi_document_gets_no_server_error(server, tmp_path):
+    """schemathesis generates requests for every operation in /docs.json, valid and invalid, sent
+    with an admin key (from the environment, never from argv), and checks that none gets a 5xx."""
+    config = tmp_path / "schemathesis.toml"
+    config.write_text('headers = { Authorization = "Bearer ${INSECT_FUZZ_API_KEY}" }\n')
+    schemathesis = str(Path(sys.executable).with_name("schemathesis"))
+    command = [schemathesis, "--config-file", str(config), "--no-color", "run", f"{server['base']}/docs.json"]
+    command += ["--url", server["base"], "--checks", "not_a_server_error", "--max-examples", "40", "--seed", "1"]
+    key = server["admin"]["Authorization"].removeprefix("Bearer ")
+    environment = {**os.environ, "INSECT_FUZZ_API_KEY": key}
+    fuzzed = subprocess.run(command, env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert fuzzed.returncode == 0, fuzzed.stdout[-6000:]
+    generated = re.search(r"Test cases:\s+(\d+) generated", fuzzed.stdout)
+    assert generated and int(generated.group(1)) > 100, fuzzed.stdout[-3000:]
+    assert key not in fuzzed.stdout
+    print(f"schemathesis: {generated.group(1)} generated requests, 0 server errors")
+
+
+def test_the_load_benchmark_drives_the_service_with_locust_and_reads_its_timings(server, tmp_path):
+    """A smoke run of `python -m benchmarks.load`: 2 users for 3 s of the mixed profile."""
+    from benchmarks.load import mean_phases_ms, phase_totals, run_locust
+    from benchmarks.load_report import markdown
+
+    (tmp_path / "key").write_text(server["admin"]["Authorization"].removeprefix("Bearer "))
+    (tmp_path / "photos").mkdir()
+    for index in range(3):
+        (tmp_path / "photos" / f"{index}.jpg").write_bytes(_jpeg(server["dataset"], index))
+    env = {**os.environ, "LOAD_API_KEY_FILE": str(tmp_path / "key"), "LOAD_IMAGES": str(tmp_path / "photos")}
+    before = phase_totals(server["base"])
+    result = run_locust(server["base"], 2, 3, "mixed", env, tmp_path)
+    result |= {"config": "eager, batching", "phases_ms": mean_phases_ms(before, phase_totals(server["base"]))}
+    assert result["requests"] > 10 and result["errors"] == 0, result
+    assert all(result["phases_ms"][phase] > 0 for phase in ("upload_parse", "decode", "preprocess", "model", "database"))
+    assert "| eager, batching | mixed | 2 |" in markdown([result], MlflowClient().get_model_version("insect-classifier", "1"), 3)
