@@ -36,8 +36,10 @@ OPEN_PATHS = {
     "/readyz",
     "/healthz",
     "/metrics",
+    "/app",
 }  # BentoML clients read /schema.json
-OPEN_PREFIXES = ("/static_content/", "/health/")  # the Swagger UI's files, storage health
+# the Swagger UI's files, storage health, the web app (which signs people in itself)
+OPEN_PREFIXES = ("/static_content/", "/health/", "/app/")
 MAX_CACHED_KEYS = 10_000
 RETRY_AFTER_S = "1"  # what a 503 tells a client to wait, in seconds
 KEY_CACHE_S = 5.0  # a revoked key is refused within this long; the database is asked once per key and period

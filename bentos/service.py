@@ -40,13 +40,14 @@ from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
+from bentos import web
 from bentos.batching import Batched, Batcher
 from bentos.guards import Admission, ApiKeys, UploadLimits
 from bentos.storage import StorageLane
 from config import get_settings
 from feedback import db
 from feedback.images import image_key, image_store
-from feedback.keys import caller_for
+from feedback.keys import Caller, caller_for
 from ml.data.ip102 import MAX_SIDE, MIN_SIDE
 from ml.tracking import configure
 from registry import ServedModel, load_verified, version_by_alias
@@ -104,15 +105,15 @@ class NotAnImage(BentoMLException):
     error_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
 
 
-def read_image(path: Path, max_bytes: int) -> tuple[bytes, Image.Image]:
-    """The upload's bytes and decoded image; 4xx errors for anything else. Decoding is CPU work:
-    callers on the event loop run it in a thread."""
-    size = path.stat().st_size
+def read_image(upload: Path | bytes, max_bytes: int) -> tuple[bytes, Image.Image]:
+    """The upload's bytes (from the file BentoML wrote, or as they came) and decoded image; 4xx
+    errors for anything else. Decoding is CPU work: callers on the event loop run it in a thread."""
+    size = upload.stat().st_size if isinstance(upload, Path) else len(upload)
     if size == 0:
         raise InvalidArgument("the uploaded image is empty")
     if size > max_bytes:
         raise InputTooLarge(f"the image is {size} bytes; the limit is {max_bytes}")
-    data = path.read_bytes()
+    data = upload.read_bytes() if isinstance(upload, Path) else upload
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to twice its limit
@@ -159,8 +160,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 health = FastAPI(title="Insect classifier health", docs_url=None, redoc_url=None, openapi_url=None)
+web_app = web.build_app()
 
 
+@bentoml.asgi_app(web_app, path=web.PREFIX)
 @bentoml.asgi_app(health, path="/health")
 @bentoml.service(
     name="insect_classifier",
@@ -180,6 +183,7 @@ class InsectClassifier:
         serve = settings.serve
         self.storage = StorageLane(serve.storage_threads, serve.storage_retry_s)
         self.batcher = Batcher(self._run_batch, serve.max_batch_size)
+        web.attach(web_app, settings, self)
         self._reload()
         threading.Thread(target=self._watch_alias, name="alias-watcher", daemon=True).start()
 
@@ -234,6 +238,10 @@ class InsectClassifier:
     ) -> PredictionResponse:
         """Species of the insect in a JPEG or PNG image, most likely first."""
         PHASES.labels(route="predict", phase="upload_parse").observe(time.perf_counter() - ctx.request.state.received_at)
+        return await self.identify(image, top_k)
+
+    async def identify(self, image: Path | bytes, top_k: int) -> PredictionResponse:
+        """/predict's answer for an upload (the API's and the web app's), stored when storage is up."""
         with timed("predict", "decode"):
             data, decoded = await asyncio.to_thread(read_image, image, settings.feedback.max_image_bytes)
         with timed("predict", "preprocess"):
@@ -292,11 +300,33 @@ class InsectClassifier:
     ) -> FeedbackReceipt:
         """Record the right species for an image. A labeler's correction trains the next model; a
         client's is a suggestion until a labeler confirms it."""
-        caller = ctx.request.state.caller  # set by the ApiKeys middleware
-        kind = db.LABEL if caller.may_act_as("labeler") else db.SUGGESTION
         idempotency_key = ctx.request.headers.get("idempotency-key")
         if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
             raise InvalidArgument(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+        caller = ctx.request.state.caller  # set by the ApiKeys middleware
+        return await self.correct(
+            caller,
+            corrected_label,
+            image=image,
+            prediction_id=prediction_id,
+            predicted_label=predicted_label,
+            user_id=user_id,
+            idempotency_key=idempotency_key,
+        )
+
+    async def correct(
+        self,
+        caller: Caller,
+        corrected_label: str,
+        *,
+        image: Path | bytes | None = None,
+        prediction_id: str | None = None,
+        predicted_label: str | None = None,
+        user_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> FeedbackReceipt:
+        """/feedback's answer (the API's and the web app's): the correction stored once."""
+        kind = db.LABEL if caller.may_act_as("labeler") else db.SUGGESTION
         classes = self._model().model.classes
         if corrected_label not in classes:
             raise UnprocessableEntity(f"unknown species {corrected_label!r}; POST /model lists the {len(classes)} known ones")
@@ -378,10 +408,11 @@ InsectClassifier.add_asgi_middleware(
     route_roles={"/predict": "client", "/feedback": "client", "/model": "client"},
     rate_limits=settings.serve.rate_limits,
 )
-InsectClassifier.add_asgi_middleware(Admission, routes={"/predict", "/feedback"}, max_in_flight=settings.serve.max_in_flight)
+UPLOADS = {"/predict", "/feedback", f"{web.PREFIX}/identify"}
+InsectClassifier.add_asgi_middleware(Admission, routes=UPLOADS, max_in_flight=settings.serve.max_in_flight)
 InsectClassifier.add_asgi_middleware(
     UploadLimits,
-    routes={"/predict", "/feedback", "/model"},
+    routes={*UPLOADS, "/model"},
     max_bytes=settings.feedback.max_image_bytes + FORM_OVERHEAD_BYTES,
     file_fields={"image"},
 )

@@ -167,6 +167,19 @@ def get_prediction(db: sa.Engine, prediction_id: str) -> sa.Row | None:
         return conn.execute(sa.select(predictions).where(predictions.c.id == prediction_id)).first()
 
 
+def feedback_sent_by(db: sa.Engine, submitted_by: str, limit: int = 100) -> list[sa.Row]:
+    """The newest feedback one key sent, with the dataset version that took it in (if any)."""
+    query = (
+        sa.select(feedback, dataset_exports.c.dataset_dir)
+        .outerjoin(dataset_exports, feedback.c.export_id == dataset_exports.c.id)
+        .where(feedback.c.submitted_by == submitted_by)
+        .order_by(feedback.c.id.desc())
+        .limit(limit)
+    )
+    with db.connect() as conn:
+        return list(conn.execute(query))
+
+
 RECEIPT = (feedback.c.id, feedback.c.image_key, feedback.c.kind)  # what the service answers with
 
 

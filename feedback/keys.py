@@ -33,7 +33,7 @@ class Caller:
         return ROLES.index(self.role) >= ROLES.index(role)
 
 
-def _sha256(key: str) -> str:
+def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -44,7 +44,7 @@ def create_key(db: sa.Engine, *, name: str, role: str) -> str:
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     try:
         with db.begin() as conn:
-            conn.execute(api_keys.insert().values(name=name, role=role, key_sha256=_sha256(key)))
+            conn.execute(api_keys.insert().values(name=name, role=role, key_sha256=key_digest(key)))
     except sa.exc.IntegrityError as error:
         raise ValueError(f"an active key named {name!r} exists already; revoke it or choose another name") from error
     return key
@@ -76,7 +76,11 @@ def list_keys(db: sa.Engine) -> list[sa.Row]:
 
 def caller_for(db: sa.Engine, key: str) -> Caller | None:
     """Who holds `key`, or None for an unknown or revoked one."""
-    digest = _sha256(key)
+    return caller_for_digest(db, key_digest(key))
+
+
+def caller_for_digest(db: sa.Engine, digest: str) -> Caller | None:
+    """Who holds the key with this sha256 (what a web session keeps instead of the key)."""
     with db.connect() as conn:
         row = conn.execute(
             sa.select(api_keys.c.name, api_keys.c.role, api_keys.c.key_sha256).where(

@@ -62,3 +62,5 @@ step "7/7 the trail: feedback -> dataset version -> model version"
 python -m feedback exports
 python -m registry summary
 echo "demo wall time: $(( $(date +%s) - start )) s"
+echo "web app: \`bentoml serve bentos.service:InsectClassifier\` (or \`make up\`), then open http://127.0.0.1:$port/app/"
+echo "         and sign in with the labeler key in $key_file"

@@ -81,3 +81,30 @@ def live_settings(settings, monkeypatch, postgres_url, s3_endpoint, request):
     with db.engine(settings).begin() as conn:  # each test starts with no pending feedback
         conn.execute(db.feedback.delete())
     return settings
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Debian's headless Chromium driven by its chromedriver (`make system-packages`)."""
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--window-size=1400,900",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(
+        options=options, service=webdriver.ChromeService(shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    )
+    yield driver
+    driver.quit()

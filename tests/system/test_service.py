@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from bentos import guards
-from config import get_settings
+from config import REPO_ROOT, get_settings
 from feedback import db, keys
 from feedback.db import feedback as feedback_table
 from ml.data import read_classes, read_split
@@ -519,3 +519,82 @@ def test_the_load_benchmark_drives_the_service_with_locust_and_reads_its_timings
     assert result["requests"] > 10 and result["errors"] == 0, result
     assert all(result["phases_ms"][phase] > 0 for phase in ("upload_parse", "decode", "preprocess", "model", "database"))
     assert "| eager, batching | mixed | 2 |" in markdown([result], MlflowClient().get_model_version("insect-classifier", "1"), 3)
+
+
+WEB_ARTIFACTS = REPO_ROOT / "test-artifacts" / "web"  # screenshots at phone and desktop width, kept by CI
+
+
+def _screenshots(browser, name: str) -> None:
+    WEB_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for width, height, device in ((360, 780, "phone"), (1280, 900, "desktop")):
+        browser.set_window_size(width, height)
+        browser.save_screenshot(str(WEB_ARTIFACTS / f"{name}-{device}.png"))
+
+
+def _shown(browser, by: str, value: str):
+    """The element once the page that has it is shown (a click's navigation takes a moment)."""
+    from selenium.webdriver.support import expected_conditions as shown
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, 30).until(shown.presence_of_element_located((by, value)))
+
+
+def _sign_in(browser, server, role: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{server['base']}/app/")
+    assert "Sign in with your API key first" in browser.page_source
+    browser.get(f"{server['base']}/app/sign-in")
+    browser.find_element(By.ID, "api_key").send_keys(server[role]["Authorization"].removeprefix("Bearer "))
+    browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    _shown(browser, By.ID, "image")
+
+
+def test_a_client_signs_in_identifies_a_photo_and_suggests_the_right_species(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{server['base']}/app/sign-in")
+    browser.find_element(By.ID, "api_key").send_keys("insect_made-up")
+    browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    assert "unknown or revoked" in _shown(browser, By.CLASS_NAME, "error").text
+    _screenshots(browser, "sign-in")
+
+    _sign_in(browser, server, "client")
+    photo = tmp_path / "bug.jpg"
+    photo.write_bytes(_jpeg(server["dataset"], 4))
+    browser.find_element(By.ID, "image").send_keys(str(photo))
+    browser.find_element(By.CSS_SELECTOR, "form.upload button").click()
+    answer = _shown(browser, By.ID, "answer-heading").text
+    assert answer in server["classes"]
+    served = httpx.post(f"{server['base']}/model", headers=server["admin"], timeout=30).json()["version"]
+    assert f"version {served} " in browser.find_element(By.CLASS_NAME, "model").text
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".scores li")) == len(server["classes"])  # top 5 of 4
+    _screenshots(browser, "identify")
+
+    right = next(name for name in server["classes"] if name != answer)
+    browser.find_element(By.TAG_NAME, "summary").click()
+    browser.find_element(By.ID, "species").send_keys(right)
+    browser.find_element(By.CSS_SELECTOR, "details form button").click()
+    assert "an expert will check it" in _shown(browser, By.ID, "what-next").text
+    browser.get(f"{server['base']}/app/history")
+    row = browser.find_element(By.CSS_SELECTOR, "tbody tr").text
+    assert right in row and "suggested, waiting for an expert" in row
+    _screenshots(browser, "history")
+    assert _feedback_rows(feedback_table.c.corrected_label == right) >= 1
+
+
+def test_the_web_app_refuses_a_form_without_its_csrf_token_and_bad_uploads_as_the_api_does(server):
+    with httpx.Client(base_url=f"{server['base']}/app", timeout=30) as web:
+        token = re.search(r'name="csrf" value="([^"]+)"', web.get("/sign-in").text).group(1)
+        key = server["client"]["Authorization"].removeprefix("Bearer ")
+        assert web.post("/sign-in", data={"api_key": key}).status_code == 403  # no token
+        assert web.post("/sign-in", data={"api_key": key, "csrf": token}).status_code == 303
+        token = re.search(r'name="csrf" value="([^"]+)"', web.get("/").text).group(1)  # a new session, a new token
+        photo = {"image": ("bug.jpg", _jpeg(server["dataset"]), "image/jpeg")}
+        refused = web.post("/identify", files=photo)
+        assert refused.status_code == 403 and "did not come from this site" in refused.text
+        assert web.post("/identify", files=photo, data={"csrf": token}).status_code == 200
+        for case in ("text", "bomb png", "empty"):
+            name, data, content_type = HOSTILE[case]
+            answer = web.post("/identify", files={"image": (name, data, content_type)}, data={"csrf": token})
+            assert answer.status_code == EXPECTED[case][0] and "That did not work" in answer.text, case

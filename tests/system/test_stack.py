@@ -331,33 +331,6 @@ def see_the_uis(browser, stack: Stack, model_name: str) -> None:
     shows("//*[text()[contains(., 'champion')]]", "mlflow-model-aliases.png")  # the alias tag, "@ champion"
 
 
-@pytest.fixture
-def browser(tmp_path):
-    """Debian's headless Chromium driven by its chromedriver (`make system-packages`)."""
-    from selenium import webdriver
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--window-size=1400,900",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium'}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(
-        options=options, service=webdriver.ChromeService(shutil.which("chromedriver") or "/usr/bin/chromedriver")
-    )
-    yield driver
-    driver.quit()
-
-
 def test_the_celery_executor_loads_with_the_locked_celery():
     """Celery 5.7 dropped a name the Celery provider imports: the scheduler died at start."""
     from airflow.providers.celery.executors.celery_executor import CeleryExecutor

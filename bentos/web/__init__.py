@@ -1,0 +1,181 @@
+"""The web app for people, served by the Bento under /app: sign in with an API key, identify an
+insect from a photo, correct the answer, see what became of one's corrections.
+
+Server-rendered (FastAPI + Jinja2), no JavaScript needed: every page works with a keyboard and
+on a phone (the file input opens the camera). A session is a signed, HttpOnly, SameSite=Strict
+cookie holding the key's sha256, never the key; the key is checked again on every request, so a
+revoked key ends its sessions. Every form carries the session's CSRF token. The pages call the
+same service methods as the API (`identify`, `correct`), so they refuse what it refuses, with the
+same statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+from bentoml.exceptions import BentoMLException
+from fastapi import APIRouter, Depends, FastAPI, Form, Request, UploadFile
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from starlette.middleware.sessions import SessionMiddleware
+
+from config import Settings
+from config.private import write_private
+from feedback import db
+from feedback.keys import Caller, caller_for, caller_for_digest, key_digest
+
+HERE = Path(__file__).parent
+PREFIX = "/app"  # where the Bento mounts the app
+SESSION_HOURS = 8
+templates = Jinja2Templates(directory=HERE / "templates")
+router = APIRouter()
+
+
+class PageError(Exception):
+    """A refusal shown as a page, with its status."""
+
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+def session_secret(path: Path) -> str:
+    """The key that signs session cookies: made at the first start and shared by every worker
+    (written under a name of its own, then linked into place: two workers starting at once end
+    up with the same one)."""
+    if not path.exists():
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        write_private(partial, secrets.token_urlsafe(32))
+        try:
+            os.link(partial, path)
+        except FileExistsError:
+            pass
+        finally:
+            partial.unlink()
+    return path.read_text().strip()
+
+
+def build_app() -> FastAPI:
+    """The app's routes and files; `attach` gives it the service and its settings at start."""
+    app = FastAPI(title="Insect classifier web app", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.include_router(router)
+    app.add_exception_handler(PageError, lambda request, error: page(request, "error.html", error.status, message=error.message))
+    app.add_exception_handler(
+        BentoMLException, lambda request, error: page(request, "error.html", int(error.error_code), message=str(error))
+    )
+    return app
+
+
+def attach(app: FastAPI, settings: Settings, service) -> None:
+    """Give the app the service whose methods it calls (`identify`, `correct`, `storage`, `db`)
+    and the session cookies' signing key, kept under the data directory."""
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=session_secret(settings.data_dir / "keys" / "web-session.secret"),
+        session_cookie="insect_session",
+        path=PREFIX,
+        max_age=SESSION_HOURS * 3600,
+        same_site="strict",
+        https_only=settings.serve.host not in ("127.0.0.1", "localhost"),  # plain HTTP only on this machine
+    )
+    app.state.service, app.state.unsure_below = service, settings.serve.unsure_below
+
+
+def page(request: Request, template: str, status: int = 200, **context) -> Response:
+    """A rendered page, with the CSRF token its forms carry (a session gets one on first sight)."""
+    csrf = request.session.setdefault("csrf", secrets.token_urlsafe(32))
+    caller = getattr(request.state, "caller", None)
+    return templates.TemplateResponse(
+        request, template, {"prefix": PREFIX, "csrf": csrf, "caller": caller, **context}, status_code=status
+    )
+
+
+async def check_csrf(request: Request) -> None:
+    """Every form post carries the session's token; a post without it (another site's form, an
+    expired session) is refused."""
+    sent = (await request.form()).get("csrf", "")
+    expected = request.session.get("csrf", "")
+    if not expected or not isinstance(sent, str) or not hmac.compare_digest(sent, expected):
+        raise PageError(403, "This form has expired or did not come from this site. Reload the page and send it again.")
+
+
+async def signed_in(request: Request) -> Caller:
+    digest = request.session.get("key")
+    service = request.app.state.service
+    caller = digest and await asyncio.to_thread(caller_for_digest, service.db, digest)
+    if not caller:
+        request.session.pop("key", None)
+        raise PageError(401, "Sign in with your API key first.")
+    request.state.caller = caller
+    return caller
+
+
+def role(needed: str):
+    async def dependency(caller: Annotated[Caller, Depends(signed_in)]) -> Caller:
+        if not caller.may_act_as(needed):
+            raise PageError(403, f"This page is for a {needed} key; yours is a {caller.role} key.")
+        return caller
+
+    return dependency
+
+
+Client = Annotated[Caller, Depends(role("client"))]
+Csrf = Depends(check_csrf)
+
+
+@router.get("/sign-in")
+async def sign_in_page(request: Request) -> Response:
+    return page(request, "sign_in.html")
+
+
+@router.post("/sign-in", dependencies=[Csrf])
+async def sign_in(request: Request, api_key: Annotated[str, Form(max_length=200)]) -> Response:
+    caller = await asyncio.to_thread(caller_for, request.app.state.service.db, api_key.strip())
+    if caller is None:
+        return page(request, "sign_in.html", 401, message="That key is unknown or revoked.")
+    request.session.clear()  # a new session: a new CSRF token too
+    request.session["key"] = key_digest(api_key.strip())
+    return RedirectResponse(f"{PREFIX}/", status_code=303)
+
+
+@router.post("/sign-out", dependencies=[Csrf])
+async def sign_out(request: Request) -> Response:
+    request.session.clear()
+    return RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
+
+
+@router.get("/")
+async def identify_page(request: Request, caller: Client) -> Response:
+    return page(request, "identify.html")
+
+
+@router.post("/identify", dependencies=[Csrf])
+async def identify(request: Request, caller: Client, image: UploadFile) -> Response:
+    service, data = request.app.state.service, await image.read()
+    answer = await service.identify(data, top_k=5)
+    unsure = answer.probability < request.app.state.unsure_below
+    kind = "png" if data.startswith(b"\x89PNG") else "jpeg"  # identify accepted it: one of the two
+    photo = f"data:image/{kind};base64,{base64.b64encode(data).decode()}"  # shown back from the request itself
+    return page(request, "identify.html", answer=answer, unsure=unsure, photo=photo, classes=service._model().model.classes)
+
+
+@router.post("/correct", dependencies=[Csrf])
+async def correct(
+    request: Request, caller: Client, prediction_id: Annotated[str, Form()], species: Annotated[str, Form()]
+) -> Response:
+    receipt = await request.app.state.service.correct(caller, species, prediction_id=prediction_id, user_id=caller.name)
+    return page(request, "corrected.html", species=species, receipt=receipt)
+
+
+@router.get("/history")
+async def history(request: Request, caller: Client) -> Response:
+    service = request.app.state.service
+    rows = await service.storage(db.feedback_sent_by, service.db, caller.name)
+    return page(request, "history.html", rows=rows)
