@@ -146,6 +146,7 @@ class ServeConfig(Section):
     alias: str = "champion"  # the registry alias served
     top_k: int = 3
     unsure_below: float = Field(0.5, ge=0, le=1)  # the web app says "not sure" below this probability
+    review_hold_s: float = 600.0  # how long a labeler holds a review item before another may take it
     reload_interval_s: float = 10.0  # how often the alias is polled for a new version
     backend: Literal["auto", "tvm", "eager"] = "auto"  # auto: the TVM build when it fits this CPU
     # requests per API key and moving window, by role (limits' notation); JSON to override

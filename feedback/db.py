@@ -87,6 +87,18 @@ drift_scores = sa.Table(
     sa.Column("drifted", sa.Boolean, nullable=False),
 )
 
+# The labelers' queue (feedback/review.py): an item ("s:<feedback id>", a client's suggestion, or
+# "p:<prediction id>", an unsure prediction) is held by one labeler until `claimed_until`.
+review_claims = sa.Table(
+    "review_claims",
+    metadata,
+    sa.Column("item", sa.Text, primary_key=True),
+    sa.Column("claimed_by", sa.Text, nullable=False),
+    sa.Column("claimed_until", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("decided_at", sa.DateTime(timezone=True)),
+    sa.Column("decision", sa.Text),  # confirmed, corrected, or rejected: <why>
+)
+
 api_keys = sa.Table(
     "api_keys",
     metadata,

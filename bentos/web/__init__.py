@@ -28,7 +28,7 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from config import Settings
 from config.private import write_private
-from feedback import db
+from feedback import db, review
 from feedback.keys import Caller, caller_for, caller_for_digest, key_digest
 
 HERE = Path(__file__).parent
@@ -85,7 +85,7 @@ def attach(app: FastAPI, settings: Settings, service) -> None:
         same_site="strict",
         https_only=settings.serve.host not in ("127.0.0.1", "localhost"),  # plain HTTP only on this machine
     )
-    app.state.service, app.state.unsure_below = service, settings.serve.unsure_below
+    app.state.service, app.state.serve = service, settings.serve
 
 
 def page(request: Request, template: str, status: int = 200, **context) -> Response:
@@ -127,6 +127,7 @@ def role(needed: str):
 
 
 Client = Annotated[Caller, Depends(role("client"))]
+Labeler = Annotated[Caller, Depends(role("labeler"))]
 Csrf = Depends(check_csrf)
 
 
@@ -160,7 +161,7 @@ async def identify_page(request: Request, caller: Client) -> Response:
 async def identify(request: Request, caller: Client, image: UploadFile) -> Response:
     service, data = request.app.state.service, await image.read()
     answer = await service.identify(data, top_k=5)
-    unsure = answer.probability < request.app.state.unsure_below
+    unsure = answer.probability < request.app.state.serve.unsure_below
     kind = "png" if data.startswith(b"\x89PNG") else "jpeg"  # identify accepted it: one of the two
     photo = f"data:image/{kind};base64,{base64.b64encode(data).decode()}"  # shown back from the request itself
     return page(request, "identify.html", answer=answer, unsure=unsure, photo=photo, classes=service._model().model.classes)
@@ -179,3 +180,42 @@ async def history(request: Request, caller: Client) -> Response:
     service = request.app.state.service
     rows = await service.storage(db.feedback_sent_by, service.db, caller.name)
     return page(request, "history.html", rows=rows)
+
+
+@router.get("/review")
+async def review_page(request: Request, caller: Labeler) -> Response:
+    service, serve = request.app.state.service, request.app.state.serve
+    item = await service.storage(review.claim_next, service.db, caller.name, serve.unsure_below, serve.review_hold_s)
+    done, left = await service.storage(review.progress, service.db, caller.name, serve.unsure_below)
+    classes = service._model().model.classes
+    return page(request, "review.html", item=item, done=done, left=left, classes=classes, rejections=review.REJECTIONS)
+
+
+@router.get("/review/image")
+async def review_image(request: Request, caller: Labeler, item: str) -> Response:
+    service = request.app.state.service
+    key = await service.storage(review.image_key, service.db, item)
+    data = key and await service.storage(service.images.get, key)
+    if not data:
+        raise PageError(404, f"No image for review item {item!r}.")
+    return Response(data, media_type="image/png" if data.startswith(b"\x89PNG") else "image/jpeg")
+
+
+@router.post("/review/decide", dependencies=[Csrf])
+async def review_decide(
+    request: Request,
+    caller: Labeler,
+    item: Annotated[str, Form()],
+    decision: Annotated[str, Form()],
+    species: Annotated[str | None, Form()] = None,
+) -> Response:
+    service = request.app.state.service
+    if decision not in (review.CONFIRMED, review.CORRECTED, *review.REJECTIONS):
+        raise PageError(400, f"Unknown decision {decision!r}.")
+    if decision in (review.CONFIRMED, review.CORRECTED) and species not in service._model().model.classes:
+        raise PageError(422, f"Unknown species {species!r}: choose one from the list.")
+    try:
+        await service.storage(review.decide, service.db, item, caller.name, decision, species)
+    except PermissionError as error:
+        raise PageError(409, f"{error}. The next item is waiting.") from error
+    return RedirectResponse(f"{PREFIX}/review", status_code=303)

@@ -145,3 +145,41 @@ def test_an_ingest_killed_between_recording_and_moving_the_version_is_finished_b
         consumed = conn.execute(sa.select(db.feedback.c.export_id).where(db.feedback.c.id.in_(ids))).scalars().all()
     assert consumed == [versions[0].id] * 2
     assert finish_interrupted_publish(settings) == []  # nothing left to finish
+
+
+def test_the_review_queue_gives_two_labelers_two_items_decides_once_and_lets_a_lapsed_hold_go(live_settings):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from feedback import review
+
+    engine = db.engine(live_settings)
+    unsure = 0.0  # no prediction is that unsure: the queue holds this test's suggestions only
+    with engine.begin() as conn:  # earlier tests' claims and suggestions are not this queue's
+        conn.execute(db.review_claims.delete())
+    run = os.urandom(3).hex()
+    suggested = [
+        post_feedback(live_settings, photo_bytes(i), "rice leaf roller", kind=db.SUGGESTION, submitted_by=f"c-{run}")
+        for i in range(4)
+    ]
+    newest_first = [f"s:{i}" for i in reversed(suggested)]
+
+    with ThreadPoolExecutor(2) as pool:  # two labelers ask at the same moment
+        items = list(pool.map(lambda name: review.claim_next(engine, name, unsure, hold_s=600), [f"ann-{run}", f"bob-{run}"]))
+    assert {item.key for item in items} == set(newest_first[:2])  # two items, never the same one
+    assert review.claim_next(engine, f"ann-{run}", unsure, hold_s=600).key == items[0].key  # a reload shows ann her item
+
+    first = items[0]
+    assert review.decide(engine, first.key, f"ann-{run}", review.CONFIRMED, first.suggestion) == review.CONFIRMED
+    assert review.decide(engine, first.key, f"ann-{run}", review.CONFIRMED, first.suggestion) == review.CONFIRMED
+    labels = [row for row in db.pending_feedback(engine) if row.submitted_by == f"ann-{run}"]
+    assert len(labels) == 1 and labels[0].corrected_label == "rice leaf roller"  # decided once, and it trains
+    with pytest.raises(PermissionError):
+        review.decide(engine, items[1].key, f"ann-{run}", review.CONFIRMED, "rice leaf roller")  # bob's, not ann's
+
+    assert review.decide(engine, items[1].key, f"bob-{run}", "not-an-insect") == "rejected: not an insect"
+    rejected = int(items[1].key.removeprefix("s:"))
+    assert any(row.id == rejected and "not an insect" in row.quarantine_reason for row in db.quarantined(engine))
+
+    lapsed = review.claim_next(engine, f"ann-{run}", unsure, hold_s=0)  # held for no time at all
+    assert review.claim_next(engine, f"bob-{run}", unsure, hold_s=600).key == lapsed.key
+    assert review.progress(engine, f"ann-{run}", unsure) == (1, 1)  # ann decided one; bob holds one, one is free

@@ -582,6 +582,29 @@ def test_a_client_signs_in_identifies_a_photo_and_suggests_the_right_species(ser
     _screenshots(browser, "history")
     assert _feedback_rows(feedback_table.c.corrected_label == right) >= 1
 
+    # an expert signs in and finds that suggestion first in the review queue, and confirms it
+    browser.find_element(By.CSS_SELECTOR, "form.sign-out button").click()
+    _shown(browser, By.ID, "api_key")
+    _sign_in(browser, server, "labeler")
+    browser.get(f"{server['base']}/app/review")
+    assert _shown(browser, By.ID, "item-heading").text == f"A user says: {right}"
+    assert browser.execute_script("return document.querySelector('img.photo').naturalWidth") > 0  # the image shows
+    _screenshots(browser, "review")
+    browser.find_element(By.ID, "confirm").click()
+    _shown(browser, By.CLASS_NAME, "progress")
+    labels = [row for row in db.pending_feedback(db.engine(get_settings())) if row.submitted_by == f"labeler-{server['suffix']}"]
+    assert any(row.corrected_label == right and row.prediction_id for row in labels)  # the ingest takes it: it trains
+
+
+def test_a_client_may_not_open_the_review_queue(server):
+    with httpx.Client(base_url=f"{server['base']}/app", timeout=30) as web:
+        token = re.search(r'name="csrf" value="([^"]+)"', web.get("/sign-in").text).group(1)
+        key = server["client"]["Authorization"].removeprefix("Bearer ")
+        web.post("/sign-in", data={"api_key": key, "csrf": token})
+        refused = web.get("/review")
+        assert refused.status_code == 403 and "for a labeler key" in refused.text
+        assert web.get("/review/image", params={"item": "s:1"}).status_code == 403
+
 
 def test_the_web_app_refuses_a_form_without_its_csrf_token_and_bad_uploads_as_the_api_does(server):
     with httpx.Client(base_url=f"{server['base']}/app", timeout=30) as web:
