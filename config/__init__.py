@@ -147,6 +147,9 @@ class ServeConfig(Section):
     top_k: int = 3
     unsure_below: float = Field(0.5, ge=0, le=1)  # the web app says "not sure" below this probability
     review_hold_s: float = 600.0  # how long a labeler holds a review item before another may take it
+    # where people open the UIs, for the web app's links (unset: no link)
+    mlflow_ui_url: str | None = None
+    airflow_ui_url: str | None = None
     reload_interval_s: float = 10.0  # how often the alias is polled for a new version
     backend: Literal["auto", "tvm", "eager"] = "auto"  # auto: the TVM build when it fits this CPU
     # requests per API key and moving window, by role (limits' notation); JSON to override

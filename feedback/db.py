@@ -270,6 +270,16 @@ def mark_exported(db: sa.Engine, feedback_ids: list[int], dataset_dir: Path, num
     return export_id
 
 
+def feedback_in_dataset(db: sa.Engine, dataset_dir: str) -> int | None:
+    """How many feedback rows the dataset version at `dataset_dir` holds, its predecessors' too
+    (each version is built on the one before); None for a version not built from feedback."""
+    with db.connect() as conn:
+        export_id = conn.execute(sa.select(dataset_exports.c.id).where(dataset_exports.c.dataset_dir == dataset_dir)).scalar()
+        if export_id is None:
+            return None
+        return conn.execute(sa.select(sa.func.count()).where(feedback.c.export_id <= export_id)).scalar_one()
+
+
 def recent_predictions(db: sa.Engine, limit: int) -> list[sa.Row]:
     """The newest `limit` predictions, newest first."""
     query = sa.select(predictions).order_by(predictions.c.created_at.desc(), predictions.c.id).limit(limit)

@@ -111,6 +111,25 @@ def load_verified(name: str, alias: str = CHAMPION, backend: str = "auto") -> Se
         return ServedModel(name, str(version.version), pyfunc.unwrap_python_model())
 
 
+def all_versions(name: str) -> list[ModelVersion]:
+    """Every version, oldest first; fetched one by one because search results leave `aliases` empty."""
+    client = MlflowClient()
+    numbers = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    return [client.get_model_version(name, str(n)) for n in numbers]
+
+
+def gate_summary(version: ModelVersion) -> str:
+    """The gate's decision on a version, in a line ("" when no gate ran)."""
+    if GATE_TAG not in version.tags:
+        return ""
+    decision = GateDecision.model_validate_json(version.tags[GATE_TAG])
+    gain = decision.checks.get("improvement")
+    if gain is None:
+        return "gate: first model"
+    verdict = "promoted" if decision.promoted else "kept the champion"
+    return f"gate: {verdict} ({decision.improvement_slice} {gain['wins']} won/{gain['losses']} lost, p={gain['p_value']:.3g})"
+
+
 def promote(name: str, version: str) -> None:
     """Make `version` the champion: the same action as setting the alias in the MLflow UI. The
     time is tagged on the version, so `rollback` can find the champion before it."""

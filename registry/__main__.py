@@ -8,18 +8,16 @@ from typing import Annotated
 
 import mlflow
 import typer
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from config import Settings, get_settings
 from config.cli import exit_on
 from ml.results import CompileResult, Evaluation, ValidationSummary
 from ml.tracking import RunLog, configure
-from registry import GATE_TAG
+from registry import all_versions, gate_summary
 from registry import promote as promote_version
 from registry import register as register_version
 from registry import rollback as rollback_champion
-from registry.gate import GateDecision
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -30,13 +28,6 @@ def _registry() -> Settings:
     configure(settings)
     typer.echo(f"registry: {settings.tracking_uri}", err=True)
     return settings
-
-
-def _versions(name: str) -> list:
-    """Versions in order; fetched one by one because search results leave `aliases` empty."""
-    client = MlflowClient()
-    numbers = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-    return [client.get_model_version(name, str(n)) for n in numbers]
 
 
 @app.command()
@@ -62,7 +53,7 @@ def list_versions() -> None:
     """Every version with its aliases, lab and field top-1, and the gate's decision."""
     settings = _registry()
     name = settings.registered_model_name
-    versions = _versions(name)
+    versions = all_versions(name)
     if not versions:
         typer.echo(f"no versions of {name!r} in {settings.tracking_uri}")
         raise typer.Exit(1)
@@ -70,18 +61,7 @@ def list_versions() -> None:
         metrics = mlflow.get_run(v.run_id).data.metrics
         scores = "  ".join(f"{k}={metrics[k]:.3f}" for k in ("lab_top1", "field_top1") if k in metrics)
         dataset = Path(v.tags.get("dataset_dir", "?")).name
-        typer.echo(f"{name} v{v.version:<3} {','.join(v.aliases) or '-':<22} {scores}  dataset={dataset}  {_gate_line(v)}")
-
-
-def _gate_line(version) -> str:
-    if GATE_TAG not in version.tags:
-        return ""
-    decision = GateDecision.model_validate_json(version.tags[GATE_TAG])
-    gain = decision.checks.get("improvement")
-    if gain is None:
-        return "gate: first model"
-    verdict = "promoted" if decision.promoted else "kept the champion"
-    return f"gate: {verdict} ({decision.improvement_slice} {gain['wins']} won/{gain['losses']} lost, p={gain['p_value']:.3g})"
+        typer.echo(f"{name} v{v.version:<3} {','.join(v.aliases) or '-':<22} {scores}  dataset={dataset}  {gate_summary(v)}")
 
 
 @app.command()

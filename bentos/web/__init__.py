@@ -16,20 +16,25 @@ import base64
 import hmac
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
+import mlflow
 from bentoml.exceptions import BentoMLException
 from fastapi import APIRouter, Depends, FastAPI, Form, Request, UploadFile
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from starlette.middleware.sessions import SessionMiddleware
 
 from config import Settings
 from config.private import write_private
 from feedback import db, review
 from feedback.keys import Caller, caller_for, caller_for_digest, key_digest
+from registry import all_versions, gate_summary, promote, rollback
 
 HERE = Path(__file__).parent
 PREFIX = "/app"  # where the Bento mounts the app
@@ -85,7 +90,7 @@ def attach(app: FastAPI, settings: Settings, service) -> None:
         same_site="strict",
         https_only=settings.serve.host not in ("127.0.0.1", "localhost"),  # plain HTTP only on this machine
     )
-    app.state.service, app.state.serve = service, settings.serve
+    app.state.service, app.state.serve, app.state.model_name = service, settings.serve, settings.registered_model_name
 
 
 def page(request: Request, template: str, status: int = 200, **context) -> Response:
@@ -128,6 +133,7 @@ def role(needed: str):
 
 Client = Annotated[Caller, Depends(role("client"))]
 Labeler = Annotated[Caller, Depends(role("labeler"))]
+Admin = Annotated[Caller, Depends(role("admin"))]
 Csrf = Depends(check_csrf)
 
 
@@ -219,3 +225,72 @@ async def review_decide(
     except PermissionError as error:
         raise PageError(409, f"{error}. The next item is waiting.") from error
     return RedirectResponse(f"{PREFIX}/review", status_code=303)
+
+
+def _version_rows(name: str, db_engine) -> list[dict]:
+    """What the models page shows of each version, newest first (MLflow calls: run in a thread)."""
+    rows = []
+    for version in reversed(all_versions(name)):
+        metrics = mlflow.get_run(version.run_id).data.metrics
+        dataset_dir = version.tags.get("dataset_dir", "")
+        artifacts = MlflowClient().list_artifacts(version.run_id, "evaluation")
+        rows.append(
+            {
+                "version": version.version,
+                "aliases": version.aliases,
+                "scores": {key: metrics[key] for key in ("lab_top1", "field_top1", "lab_macro_f1") if key in metrics},
+                "dataset": Path(dataset_dir).name or "?",
+                "feedback": db.feedback_in_dataset(db_engine, dataset_dir),
+                "gate": gate_summary(version),
+                "slices": [Path(a.path).stem.removeprefix("confusion_matrix_") for a in artifacts if a.path.endswith(".png")],
+            }
+        )
+    return rows
+
+
+@router.get("/models")
+async def models_page(request: Request, caller: Labeler, promoted: int | None = None, restored: int | None = None) -> Response:
+    state = request.app.state
+    rows = await asyncio.to_thread(_version_rows, state.model_name, state.service.db)
+    context = {"rows": rows, "name": state.model_name, "serve": state.serve, "promoted": promoted, "restored": restored}
+    return page(request, "models.html", **context)
+
+
+@router.get("/models/{version}/confusion/{slice_name}.png")
+async def confusion_matrix(request: Request, caller: Labeler, version: int, slice_name: str) -> Response:
+    def download() -> bytes:
+        run_id = MlflowClient().get_model_version(request.app.state.model_name, str(version)).run_id
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=f"evaluation/confusion_matrix_{slice_name}.png", dst_path=tmp
+            )
+            return Path(path).read_bytes()
+
+    try:
+        return Response(await asyncio.to_thread(download), media_type="image/png")
+    except MlflowException as error:
+        raise PageError(404, f"No confusion matrix for version {version} on {slice_name!r}.") from error
+
+
+@router.post("/models/promote", dependencies=[Csrf])
+async def promote_version(
+    request: Request, caller: Admin, version: Annotated[int, Form()], sure: Annotated[bool, Form()] = False
+) -> Response:
+    if not sure:
+        raise PageError(400, "Tick the box to confirm: the Bento serves the new champion within seconds.")
+    try:
+        await asyncio.to_thread(promote, request.app.state.model_name, str(version))
+    except MlflowException as error:
+        raise PageError(404, f"No version {version} to promote.") from error
+    return RedirectResponse(f"{PREFIX}/models?promoted={version}", status_code=303)
+
+
+@router.post("/models/rollback", dependencies=[Csrf])
+async def roll_back(request: Request, caller: Admin, sure: Annotated[bool, Form()] = False) -> Response:
+    if not sure:
+        raise PageError(400, "Tick the box to confirm the rollback.")
+    try:
+        version = await asyncio.to_thread(rollback, request.app.state.model_name)
+    except LookupError as error:
+        raise PageError(409, str(error)) from error
+    return RedirectResponse(f"{PREFIX}/models?restored={version}", status_code=303)

@@ -596,13 +596,62 @@ def test_a_client_signs_in_identifies_a_photo_and_suggests_the_right_species(ser
     assert any(row.corrected_label == right and row.prediction_id for row in labels)  # the ingest takes it: it trains
 
 
-def test_a_client_may_not_open_the_review_queue(server):
+def test_an_admin_promotes_a_version_on_the_models_page_and_the_identify_page_answers_with_it(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    version = register_tiny_model(server["classes"], seed=11, champion=False)
+    _sign_in(browser, server, "labeler")
+    browser.get(f"{server['base']}/app/models")
+    assert _shown(browser, By.ID, f"v{version}") and not browser.find_elements(By.ID, f"promote-{version}")  # read only
+    browser.find_element(By.CSS_SELECTOR, "form.sign-out button").click()
+    _shown(browser, By.ID, "api_key")
+
+    _sign_in(browser, server, "admin")
+    browser.get(f"{server['base']}/app/models")
+    _screenshots(browser, "models")
+    browser.find_element(By.ID, f"sure-{version}").click()
+    browser.find_element(By.ID, f"promote-{version}").click()
+    assert f"Version {version} is now champion" in _shown(browser, By.ID, "changed").text
+    assert "champion" in browser.find_element(By.ID, f"v{version}").text
+
+    photo = tmp_path / "bug.jpg"
+    photo.write_bytes(_jpeg(server["dataset"], 5))
+    deadline = time.monotonic() + 60
+    while True:  # the service follows the alias within its poll interval
+        browser.get(f"{server['base']}/app/")
+        browser.find_element(By.ID, "image").send_keys(str(photo))
+        browser.find_element(By.CSS_SELECTOR, "form.upload button").click()
+        _shown(browser, By.ID, "answer-heading")
+        if f"version {version} " in browser.find_element(By.CLASS_NAME, "model").text:
+            break
+        assert time.monotonic() < deadline, "the identify page never answered with the promoted version"
+        time.sleep(1)
+
+
+def test_promoting_needs_an_admin_a_confirmation_and_a_token(server):
+    with httpx.Client(base_url=f"{server['base']}/app", timeout=30) as web:
+        token = re.search(r'name="csrf" value="([^"]+)"', web.get("/sign-in").text).group(1)
+        web.post("/sign-in", data={"api_key": server["labeler"]["Authorization"].removeprefix("Bearer "), "csrf": token})
+        token = re.search(r'name="csrf" value="([^"]+)"', web.get("/models").text).group(1)
+        refused = web.post("/models/promote", data={"version": "1", "sure": "true", "csrf": token})
+        assert refused.status_code == 403 and "admin" in refused.text  # a labeler reads, only an admin acts
+    with httpx.Client(base_url=f"{server['base']}/app", timeout=30) as web:
+        token = re.search(r'name="csrf" value="([^"]+)"', web.get("/sign-in").text).group(1)
+        web.post("/sign-in", data={"api_key": server["admin"]["Authorization"].removeprefix("Bearer "), "csrf": token})
+        token = re.search(r'name="csrf" value="([^"]+)"', web.get("/models").text).group(1)
+        assert web.post("/models/promote", data={"version": "1", "csrf": token}).status_code == 400  # not confirmed
+        assert web.post("/models/promote", data={"version": "1", "sure": "true"}).status_code == 403  # no token
+        assert web.post("/models/promote", data={"version": "999", "sure": "true", "csrf": token}).status_code == 404
+
+
+def test_a_client_may_not_open_the_review_queue_or_the_models_page(server):
     with httpx.Client(base_url=f"{server['base']}/app", timeout=30) as web:
         token = re.search(r'name="csrf" value="([^"]+)"', web.get("/sign-in").text).group(1)
         key = server["client"]["Authorization"].removeprefix("Bearer ")
         web.post("/sign-in", data={"api_key": key, "csrf": token})
-        refused = web.get("/review")
-        assert refused.status_code == 403 and "for a labeler key" in refused.text
+        for page in ("/review", "/models"):
+            refused = web.get(page)
+            assert refused.status_code == 403 and "for a labeler key" in refused.text
         assert web.get("/review/image", params={"item": "s:1"}).status_code == 403
 
 
