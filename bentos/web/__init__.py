@@ -1,12 +1,13 @@
 """The web app for people, served by the Bento under /app: sign in with an API key, identify an
-insect from a photo, correct the answer, see what became of one's corrections.
+insect from a photo and correct the answer, see what became of one's corrections; labelers
+review suggestions and unsure predictions; admins promote and roll back models.
 
-Server-rendered (FastAPI + Jinja2), no JavaScript needed: every page works with a keyboard and
-on a phone (the file input opens the camera). A session is a signed, HttpOnly, SameSite=Strict
-cookie holding the key's sha256, never the key; the key is checked again on every request, so a
-revoked key ends its sessions. Every form carries the session's CSRF token. The pages call the
-same service methods as the API (`identify`, `correct`), so they refuse what it refuses, with the
-same statuses.
+Server-rendered (FastAPI + Jinja2); no JavaScript needed (one inline script previews the chosen
+photo): every page works with a keyboard and on a phone (the file input opens the camera). A
+session is a signed, HttpOnly, SameSite=Strict cookie holding the key's sha256, never the key;
+the key is checked again on every request, so a revoked key ends its sessions. Every form
+carries the session's CSRF token. The pages call the same service methods as the API
+(`identify`, `correct`), so they refuse what it refuses, with the same statuses.
 """
 
 from __future__ import annotations
@@ -181,11 +182,20 @@ async def correct(
     return page(request, "corrected.html", species=species, receipt=receipt)
 
 
+def _trained_in(name: str) -> dict[str, list[str]]:
+    """Dataset version directory -> the model versions trained on it."""
+    trained: dict[str, list[str]] = {}
+    for version in all_versions(name):
+        trained.setdefault(version.tags.get("dataset_dir", ""), []).append(version.version)
+    return trained
+
+
 @router.get("/history")
 async def history(request: Request, caller: Client) -> Response:
-    service = request.app.state.service
-    rows = await service.storage(db.feedback_sent_by, service.db, caller.name)
-    return page(request, "history.html", rows=rows)
+    state = request.app.state
+    rows = await state.service.storage(db.feedback_sent_by, state.service.db, caller.name)
+    trained = await asyncio.to_thread(_trained_in, state.model_name) if any(row.dataset_dir for row in rows) else {}
+    return page(request, "history.html", rows=rows, trained=trained)
 
 
 @router.get("/review")
