@@ -117,7 +117,8 @@ class Stack(Layout):
             f"Airflow UI   {self.url('airflow')}   user {AIRFLOW_ADMIN}, password {self.secrets['airflow_admin_password']}",
             f"MLflow UI    {self.url('mlflow')}",
             f"Bento API    {self.url('bento')}   Swagger UI at /, the OpenAPI document at /docs.json",
-            f"             API keys in {self.keys}: client.key, labeler.key",
+            f"Web app      {self.url('bento')}/app/   sign in with a key",
+            f"             API keys in {self.keys}: client.key, labeler.key, admin.key",
             f"S3 API       {self.url('s3')}   keys in {self.secrets_file} (s3_access_key, s3_secret_key)",
             (
                 f"PostgreSQL   127.0.0.1:{self.settings.stack.postgres_port}   databases {', '.join(DATABASES)}, "

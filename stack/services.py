@@ -274,6 +274,8 @@ def _bento(layout: Layout) -> Service:
         partial(_http_ok, f"{layout.url('bento')}/livez"),
         before_start=partial(_create_api_keys, layout),
         describe=partial(_served_model, layout),
+        # the web app's models page links to the UIs of this stack
+        environment={"INSECT_SERVE__MLFLOW_UI_URL": layout.url("mlflow"), "INSECT_SERVE__AIRFLOW_UI_URL": layout.url("airflow")},
     )
 
 
@@ -290,11 +292,12 @@ def _served_model(layout: Layout) -> str:
 
 
 def _create_api_keys(layout: Layout) -> None:
-    """A client and a labeler key for the people trying the stack, in files only its owner reads."""
+    """A key per role for the people trying the stack (the web app signs in with them), in files
+    only its owner reads."""
     from feedback import db, keys
 
     engine = db.engine_for(layout.database_url(postgres.DATABASE))
-    for role in ("client", "labeler"):
+    for role in keys.ROLES:
         keys.key_in_file(engine, layout.keys / f"{role}.key", name=f"stack-{role}", role=role)
 
 
