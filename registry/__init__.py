@@ -21,7 +21,6 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
 from pydantic import BaseModel
 
 from config import GateConfig, Settings
@@ -34,6 +33,7 @@ from registry.pyfunc import SpeciesClassifierModel
 CHAMPION, CHALLENGER = "champion", "challenger"
 PROMOTED_AT = "promoted_at"
 GATE_TAG = "gate"  # the gate's decision, with its statistics, as JSON on each version
+FILES_TAG = "sha256.files"  # {path: sha256} of every file of a version's logged model, as JSON
 
 
 def sha256(path: Path) -> str:
@@ -44,9 +44,16 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_hashes(root: Path) -> dict[str, str]:
+    """Every file under `root` (a logged model: MLmodel, the pickled model, the artifacts) by
+    its path there, with its sha256."""
+    return {path.relative_to(root).as_posix(): sha256(path) for path in sorted(root.rglob("*")) if path.is_file()}
+
+
 def register_model(name: str, artifacts: dict[str, Path], model_config: dict, tags: dict[str, str], run: RunLog) -> ModelVersion:
     """Log the artifacts as one pyfunc model in `run` and register it as a new version of
-    `name`, tagged with each artifact's sha256 and `tags`, and aliased `challenger`.
+    `name`, tagged with `tags` and the sha256 of every file of the logged model (`FILES_TAG`),
+    and aliased `challenger`.
 
     `model_config` holds `classes`, `image_size` and `tvm_llvm_target` (the CPU the library was
     built for)."""
@@ -59,9 +66,12 @@ def register_model(name: str, artifacts: dict[str, Path], model_config: dict, ta
             pip_requirements=[f"{p}=={package_version(p)}" for p in ("mlflow", "torch", "apache-tvm", "numpy")],
             registered_model_name=name,
         )
+    with tempfile.TemporaryDirectory(prefix="model-") as tmp:  # the files as stored, read back
+        logged = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=tmp))
+        files = json.dumps(file_hashes(logged), sort_keys=True)
     client = MlflowClient()
     version = str(info.registered_model_version)
-    for key, value in {**tags, **{f"sha256.{k}": sha256(p) for k, p in artifacts.items()}}.items():
+    for key, value in {**tags, FILES_TAG: files}.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)
     return client.get_model_version(name, version)
@@ -95,18 +105,21 @@ class ServedModel:
 
 
 def load_verified(name: str, alias: str = CHAMPION, backend: str = "auto") -> ServedModel | None:
-    """Download the version `alias` points at, check every artifact against its registered
-    sha256, and load it; None when the alias is not set."""
+    """Download the version `alias` points at, check that its files are exactly the ones
+    registered (MLmodel and the pickle the loader runs included: none changed, added or
+    missing), and load it; None when the alias is not set."""
     version = version_by_alias(name, alias)
     if version is None:
         return None
+    if FILES_TAG not in version.tags:
+        raise ChecksumError(f"{name} v{version.version} has no registered file hashes: register it again to serve it")
+    registered = json.loads(version.tags[FILES_TAG])
     with tempfile.TemporaryDirectory(prefix="model-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=tmp))
-        artifacts = Model.load(local / "MLmodel").flavors["python_function"]["artifacts"]
-        for key, entry in artifacts.items():
-            expected, actual = version.tags.get(f"sha256.{key}"), sha256(local / entry["path"])
-            if expected != actual:
-                raise ChecksumError(f"{name} v{version.version} artifact {key!r}: sha256 {actual} != registered {expected}")
+        # the logged model itself (models:/NAME/N would add a metadata file of MLflow's own)
+        local = Path(mlflow.artifacts.download_artifacts(version.source, dst_path=tmp))
+        actual = file_hashes(local)
+        if changed := sorted(path for path in registered.keys() | actual.keys() if registered.get(path) != actual.get(path)):
+            raise ChecksumError(f"{name} v{version.version}: {', '.join(changed)} differ from what was registered")
         pyfunc = mlflow.pyfunc.load_model(str(local), model_config={"backend": backend})
         return ServedModel(name, str(version.version), pyfunc.unwrap_python_model())
 

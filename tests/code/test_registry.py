@@ -1,4 +1,6 @@
 import json
+from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
@@ -16,7 +18,9 @@ from ml.tracking import RunLog
 from registry import (
     CHALLENGER,
     CHAMPION,
+    FILES_TAG,
     ChecksumError,
+    champion_predict_fn,
     champion_weights,
     gate,
     load_verified,
@@ -65,7 +69,9 @@ def test_first_version_becomes_champion_and_carries_hashes(settings, artifacts):
     assert version_by_alias(name, CHAMPION).version == version.version
     assert version_by_alias(name, CHALLENGER).version == version.version
     tags = MlflowClient().get_model_version(name, version.version).tags
-    assert tags["sha256.exported"] == sha256(files["exported"]) and tags["dataset_digest"] == "d1"
+    registered = json.loads(tags[FILES_TAG])  # every file of the logged model, the pickle and MLmodel included
+    assert {"MLmodel", "python_model.pkl"} <= registered.keys() and tags["dataset_digest"] == "d1"
+    assert sha256(files["exported"]) in registered.values()
     batch = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
     served = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}").predict(batch)  # MLflow's own loader
     with torch.inference_mode():
@@ -115,14 +121,24 @@ def test_list_shows_aliases_and_promote_moves_champion(settings, artifacts):
     assert "champion" in runner.invoke(app, ["list"]).stdout.splitlines()[1]
 
 
-def test_load_verified_serves_eager_and_refuses_tampered_artifacts(settings, artifacts):
+def test_load_verified_serves_eager_and_refuses_any_file_changed_or_added_after_registration(settings, artifacts):
     _, files = artifacts
     version, _ = _register(settings, files, 48)
     served = load_verified(settings.registered_model_name)
     assert (served.version, served.backend, served.model.classes) == (str(version.version), "torch-eager", CLASSES)
     assert served.predict(np.zeros((1, 3, 64, 64), np.float32)).shape == (1, len(CLASSES))
-    MlflowClient().set_model_version_tag(settings.registered_model_name, version.version, "sha256.exported", "0" * 64)
-    with pytest.raises(ChecksumError, match="exported"):
+    logged_model = mlflow.get_logged_model(version.source.removeprefix("models:/"))
+    stored = Path(urlparse(logged_model.artifact_location).path)
+    for path in ("MLmodel", "python_model.pkl"):  # what the loader reads and unpickles, altered after registration
+        original = (stored / path).read_bytes()
+        (stored / path).write_bytes(original + b"\n")
+        with pytest.raises(ChecksumError, match=path):
+            load_verified(settings.registered_model_name)
+        with pytest.raises(ChecksumError, match=path):  # evaluate's way to the champion
+            champion_predict_fn(settings)
+        (stored / path).write_bytes(original)
+    (stored / "artifacts" / "extra.py").write_text("print('not registered')")
+    with pytest.raises(ChecksumError, match=r"extra\.py"):
         load_verified(settings.registered_model_name)
 
 

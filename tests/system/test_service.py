@@ -27,7 +27,7 @@ from config import REPO_ROOT, get_settings
 from feedback import db, keys
 from feedback.db import feedback as feedback_table
 from ml.data import read_classes, read_split
-from registry import promote
+from registry import FILES_TAG, promote
 from tests.support import BentoServer, bento_env, free_port, register_tiny_model
 from tests.system.hostile_uploads import EXPECTED, hostile_uploads
 
@@ -269,7 +269,7 @@ def test_a_champion_that_fails_to_load_is_logged_once_and_the_served_one_keeps_s
     """The watcher used to download a broken version again at every poll, logging each time."""
     name, before = get_settings().registered_model_name, _served(server)
     broken = register_tiny_model(server["classes"], seed=2, champion=False)
-    MlflowClient().set_model_version_tag(name, broken, "sha256.exported", "0" * 64)  # as if tampered with
+    MlflowClient().set_model_version_tag(name, broken, FILES_TAG, "{}")  # as if its files had changed
     promote(name, broken)
     try:
         time.sleep(8)  # 8 polls at INSECT_SERVE__RELOAD_INTERVAL_S=1: tries at about 1, 2, 4 and 8 s
