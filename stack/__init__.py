@@ -114,7 +114,8 @@ class Stack(Layout):
 
     def logins(self) -> list[str]:
         return [
-            f"Airflow UI   {self.url('airflow')}   user {AIRFLOW_ADMIN}, password {self.secrets['airflow_admin_password']}",
+            f"Airflow UI   {self.url('airflow')}   user {AIRFLOW_ADMIN}",
+            f"             password in {self.secrets_file} (airflow_admin_password)",
             f"MLflow UI    {self.url('mlflow')}",
             f"Bento API    {self.url('bento')}   Swagger UI at /, the OpenAPI document at /docs.json",
             f"Web app      {self.url('bento')}/app/   sign in with a key",

@@ -151,10 +151,11 @@ def _mlflow(layout: Layout) -> Service:
         "mlflow",
         [
             *(str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(layout.settings.stack.mlflow_port)),
-            *("--workers", "1", "--backend-store-uri", layout.database_url("mlflow")),
-            *("--artifacts-destination", "s3://mlflow", "--serve-artifacts"),
+            *("--workers", "1", "--artifacts-destination", "s3://mlflow", "--serve-artifacts"),
         ],
         partial(_http_ok, f"{layout.url('mlflow')}/health"),
+        # the database URL holds its password: in the environment (read by `mlflow server`), not argv
+        environment={"MLFLOW_BACKEND_STORE_URI": layout.database_url("mlflow")},
     )
 
 

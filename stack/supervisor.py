@@ -40,7 +40,7 @@ class Supervisor:
 
     def write_conf(self, services: Iterable[Service]) -> None:
         sections = [*self._supervisord_sections(), *(_program_section(service, self.layout.logs) for service in services)]
-        write_private(self.layout.conf, "\n".join(sections))  # 0600: the services' command lines hold passwords
+        write_private(self.layout.conf, "\n".join(sections))  # 0600: the services' environments hold passwords
 
     def _supervisord_sections(self) -> list[str]:
         layout = self.layout

@@ -113,6 +113,13 @@ def make(target: str, env: dict) -> str:
     return done.stdout
 
 
+def command_line(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):  # a short-lived one, gone already
+        return ""
+
+
 def stack_processes(data_dir: str) -> list[psutil.Process]:
     """Every process started by the stack: they all inherit its INSECT_DATA_DIR."""
     found = []
@@ -201,9 +208,13 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
     started = time.monotonic()
     out = make("up", env)
     timings = {"make up to healthy, s": round(time.monotonic() - started)}
-    assert "all healthy" in out and "Airflow UI" in out and "password" in out
+    assert "all healthy" in out and "Airflow UI" in out and "password in" in out
     assert "already running" in make("up", env)  # a second `make up` is harmless
     processes = stack_processes(env["INSECT_DATA_DIR"])
+    secrets = [value for value in stack.secrets.values() if len(value) >= 8]
+    assert not [secret for secret in secrets if secret in out], "make up printed a secret"
+    in_argv = [line for line in map(command_line, processes) if any(secret in line for secret in secrets)]
+    assert not in_argv, f"a secret in a command line: {[line.split()[0] for line in in_argv]}"
     timings["stack resident memory, MiB"] = round(sum(p.memory_info().rss for p in processes) / 2**20)
     timings["stack processes"] = len(processes)
 
