@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections import Counter
@@ -51,7 +52,8 @@ UNLIMITED = json.dumps({role: "1000000/minute" for role in keys.ROLES})  # measu
 def run_locust(base: str, users: int, seconds: int, profile: str, env: dict[str, str], out: Path) -> dict:
     """One headless locust run; its summary for the request names it sent."""
     prefix = out / f"{profile}-{users}"
-    command = ["locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users), "-t", f"{seconds}s"]
+    locust = str(Path(sys.executable).with_name("locust"))  # the project's, whether or not its venv is on PATH
+    command = [locust, "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users), "-t", f"{seconds}s"]
     command += ["-H", base, "--csv", str(prefix), "--only-summary", "--exit-code-on-error", "0"]
     locust_env = {**env, "LOAD_PROFILE": profile}
     subprocess.run(command, env=locust_env, cwd=out, check=True, capture_output=True, timeout=seconds + 60)

@@ -190,7 +190,6 @@ class StackConfig(Section):
     # default of 32 left 32 idle processes on 2 cores)
     parallelism: int = Field(2, ge=1)
     redis_port: int = 6380  # Celery's broker (CeleryExecutor only; 6379 is left to a system server)
-    worker_log_port: int = 8793  # the first worker's log server; the next ones count up
     start_timeout_s: float = 180.0  # per service, until its health check passes
 
 

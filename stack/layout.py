@@ -52,7 +52,7 @@ class Layout:
         stack = self.settings.stack
         ports = [stack.postgres_port, stack.s3_port, stack.mlflow_port, stack.airflow_port, self.settings.serve.port]
         if self.celery:
-            ports += [stack.redis_port, *range(stack.worker_log_port, stack.worker_log_port + stack.workers)]
+            ports.append(stack.redis_port)
         return ports
 
     @property
@@ -99,6 +99,7 @@ class Layout:
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database_url("airflow"),
             "AIRFLOW__API_AUTH__JWT_SECRET": self.secrets["airflow_jwt_secret"],
             "AIRFLOW__API__SECRET_KEY": self.secrets["airflow_api_secret_key"],
+            "AIRFLOW__API__HOST": "127.0.0.1",  # Airflow's default is every interface
             "AIRFLOW__API__PORT": str(self.settings.stack.airflow_port),
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.logs / "airflow"),
         }

@@ -24,6 +24,9 @@ from stack.errors import StackError
 from stack.layout import AIRFLOW_ADMIN, BUCKETS, DATABASES, Layout
 
 BIN = Path(sys.executable).parent  # the project's virtual environment
+# Airflow's log servers listen on every interface, with no setting to bind them to 127.0.0.1. On
+# one machine they are not needed: the API server reads task logs from the shared log folder.
+NO_LOG_SERVER = ("--skip-serve-logs",)
 
 
 @dataclass(frozen=True)
@@ -171,11 +174,15 @@ def _airflow(layout: Layout) -> list[Service]:
             partial(_http_ok, f"{layout.url('airflow')}/api/v2/monitor/health"),
             before_start=partial(_migrate_airflow, layout),
         ),
-        Service("airflow-scheduler", [airflow, "scheduler"], partial(_airflow_component_healthy, layout, "scheduler")),
+        Service(
+            "airflow-scheduler", [airflow, "scheduler", *NO_LOG_SERVER], partial(_airflow_component_healthy, layout, "scheduler")
+        ),
         Service(
             "airflow-dag-processor", [airflow, "dag-processor"], partial(_airflow_component_healthy, layout, "dag_processor")
         ),
-        Service("airflow-triggerer", [airflow, "triggerer"], partial(_airflow_component_healthy, layout, "triggerer")),
+        Service(
+            "airflow-triggerer", [airflow, "triggerer", *NO_LOG_SERVER], partial(_airflow_component_healthy, layout, "triggerer")
+        ),
     ]
 
 
@@ -248,10 +255,8 @@ def _celery_workers(layout: Layout) -> list[Service]:
         workers.append(
             Service(
                 f"airflow-worker-{index}",
-                [str(BIN / "airflow"), "celery", "worker", "--concurrency", "1", "--celery-hostname", name],
+                [str(BIN / "airflow"), "celery", "worker", "--concurrency", "1", "--celery-hostname", name, *NO_LOG_SERVER],
                 partial(_worker_answers, broker, name),
-                # each worker serves its task logs to the UI on a port of its own
-                environment={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(layout.settings.stack.worker_log_port + index - 1)},
             )
         )
     return workers

@@ -94,7 +94,7 @@ def stack_env(monkeypatch):
     """A fresh data directory and free ports (in /tmp: PostgreSQL runs as `postgres` when we are root)."""
     data = Path(tempfile.mkdtemp(prefix="insect-stack-"))
     os.chmod(data, 0o755)
-    ports = {f"INSECT_STACK__{name}_PORT": free_port() for name in ("POSTGRES", "S3", "MLFLOW", "AIRFLOW", "REDIS", "WORKER_LOG")}
+    ports = {f"INSECT_STACK__{name}_PORT": free_port() for name in ("POSTGRES", "S3", "MLFLOW", "AIRFLOW", "REDIS")}
     ports["INSECT_SERVE__PORT"] = free_port()
     env = {**os.environ, "INSECT_DATA_DIR": str(data / "data"), **{k: str(v) for k, v in ports.items()}}
     for key in ("MLFLOW_TRACKING_URI", "AIRFLOW_HOME"):
@@ -203,7 +203,6 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
     get_settings.cache_clear()
     stack = Stack(get_settings())
     bento, name = stack.url("bento"), stack.settings.registered_model_name
-    ports["worker 2 log"] = ports["INSECT_STACK__WORKER_LOG_PORT"] + 1
 
     started = time.monotonic()
     out = make("up", env)
@@ -215,6 +214,12 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
     assert not [secret for secret in secrets if secret in out], "make up printed a secret"
     in_argv = [line for line in map(command_line, processes) if any(secret in line for secret in secrets)]
     assert not in_argv, f"a secret in a command line: {[line.split()[0] for line in in_argv]}"
+    # every listener of the stack, by port and by process, from the system's socket table: on 127.0.0.1 only
+    table = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+    pids = {p.pid for p in processes}
+    listeners = {(c.laddr.ip, c.laddr.port) for c in table if c.laddr.port in ports.values() or c.pid in pids}
+    assert {port for _, port in listeners} >= set(ports.values())
+    assert {ip for ip, _ in listeners} <= {"127.0.0.1", "::1"}, f"listening beyond this machine: {sorted(listeners)}"
     timings["stack resident memory, MiB"] = round(sum(p.memory_info().rss for p in processes) / 2**20)
     timings["stack processes"] = len(processes)
 
