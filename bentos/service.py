@@ -242,6 +242,18 @@ class InsectClassifier:
 
     async def identify(self, image: Path | bytes, top_k: int) -> PredictionResponse:
         """/predict's answer for an upload (the API's and the web app's), stored when storage is up."""
+        data, decoded, served, top = await self.rank_species(image, top_k)
+        return PredictionResponse(
+            prediction_id=await self._store_prediction(data, decoded, served, top[0]),
+            species=top[0].species,
+            probability=top[0].probability,
+            top_k=top,
+            model=ModelInfo(name=self.name, version=served.version, backend=served.backend),
+        )
+
+    async def rank_species(self, image: Path | bytes, top_k: int) -> tuple[bytes, Image.Image, ServedModel, list[SpeciesScore]]:
+        """An upload's bytes, its decoded image, the version that classified it and its `top_k`
+        species, most likely first; nothing is stored."""
         with timed("predict", "decode"):
             data, decoded = await asyncio.to_thread(read_image, image, settings.feedback.max_image_bytes)
         with timed("predict", "preprocess"):
@@ -252,13 +264,7 @@ class InsectClassifier:
         served, probabilities = scored.result, softmax(scored.logits)
         ranked = np.argsort(probabilities)[::-1][:top_k]
         top = [SpeciesScore(species=served.model.classes[i], probability=float(probabilities[i])) for i in ranked]
-        return PredictionResponse(
-            prediction_id=await self._store_prediction(data, decoded, served, top[0]),
-            species=top[0].species,
-            probability=top[0].probability,
-            top_k=top,
-            model=ModelInfo(name=self.name, version=served.version, backend=served.backend),
-        )
+        return data, decoded, served, top
 
     async def _store_prediction(self, data: bytes, decoded: Image.Image, served: ServedModel, top: SpeciesScore) -> str | None:
         """The stored prediction's id; None while storage is down: a prediction never waits for

@@ -203,8 +203,10 @@ async def review_page(request: Request, caller: Labeler) -> Response:
     service, serve = request.app.state.service, request.app.state.serve
     item = await service.storage(review.claim_next, service.db, caller.name, serve.unsure_below, serve.review_hold_s)
     done, left = await service.storage(review.progress, service.db, caller.name, serve.unsure_below)
+    image = item and await service.storage(service.images.get, item.image_key)
+    top = (await service.rank_species(image, top_k=5))[3] if image else []  # what the served model says now
     classes = service._model().model.classes
-    return page(request, "review.html", item=item, done=done, left=left, classes=classes, rejections=review.REJECTIONS)
+    return page(request, "review.html", item=item, top=top, done=done, left=left, classes=classes)
 
 
 @router.get("/review/image")

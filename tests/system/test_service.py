@@ -588,6 +588,7 @@ def test_a_client_signs_in_identifies_a_photo_and_suggests_the_right_species(ser
     _sign_in(browser, server, "labeler")
     browser.get(f"{server['base']}/app/review")
     assert _shown(browser, By.ID, "item-heading").text == f"A user says: {right}"
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".scores li")) == len(server["classes"])  # the model's top 5 (of 4)
     assert browser.execute_script("return document.querySelector('img.photo').naturalWidth") > 0  # the image shows
     _screenshots(browser, "review")
     browser.find_element(By.ID, "confirm").click()
