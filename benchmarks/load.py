@@ -12,6 +12,7 @@ service is part of every figure.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -33,7 +34,7 @@ from feedback import db, keys
 from ml.data import read_split
 from ml.tracking import configure
 from registry import version_by_alias
-from tests.support import BentoServer, free_port
+from tests.support import BentoServer, free_port, redis_server
 
 HERE = Path(__file__).parent
 LOCUSTFILE = HERE / "locustfile.py"
@@ -42,7 +43,12 @@ PHASES = ("upload_parse", "decode", "preprocess", "queue", "model", "image_store
 CONFIGS = {
     "tvm, batching": {"INSECT_SERVE__BACKEND": "tvm"},
     "tvm, no batching": {"INSECT_SERVE__BACKEND": "tvm", "INSECT_SERVE__MAX_BATCH_SIZE": "1"},
-    "tvm, batching, 2 workers": {"INSECT_SERVE__BACKEND": "tvm", "INSECT_SERVE__WORKERS": "2"},
+    # as `make up` and compose serve: the workers count rate limits together in Redis
+    "tvm, batching, 2 workers": {
+        "INSECT_SERVE__BACKEND": "tvm",
+        "INSECT_SERVE__WORKERS": "2",
+        "INSECT_SERVE__RATE_LIMIT_STORE": "redis",
+    },
     "eager, batching": {"INSECT_SERVE__BACKEND": "eager"},
     "eager, no batching": {"INSECT_SERVE__BACKEND": "eager", "INSECT_SERVE__MAX_BATCH_SIZE": "1"},
 }
@@ -110,10 +116,14 @@ def measure(settings: Settings, configs: list[str], users: list[int], seconds: i
         shutil.copy(dataset / "images" / name, photos / name)
     locust_env = {**os.environ, "LOAD_API_KEY_FILE": str(key_file), "LOAD_IMAGES": str(photos)}
     results = []
-    try:
+    with contextlib.ExitStack() as running:
+        redis = running.enter_context(redis_server(out))  # for the configurations whose workers share limits
+        running.callback(keys.revoke_key, engine, key_name)
         for config in configs:
             port = free_port()
             env = {**CONFIGS[config], "INSECT_SERVE__PORT": str(port), "INSECT_SERVE__RATE_LIMITS": UNLIMITED}
+            if "INSECT_SERVE__RATE_LIMIT_STORE" in env:
+                env["INSECT_SERVE__RATE_LIMIT_STORE"] = redis
             bento = BentoServer(port, out / f"bento-{config.replace(', ', '-').replace(' ', '_')}.log", env).start()
             try:
                 bento.wait_ready()
@@ -131,8 +141,6 @@ def measure(settings: Settings, configs: list[str], users: list[int], seconds: i
                     results.append(result)
             finally:
                 bento.stop()
-    finally:
-        keys.revoke_key(engine, key_name)
     return results
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from feedback.keys import Caller
+
+logger = logging.getLogger("bentoml.insect")
 
 OPEN_PATHS = {
     "/",
@@ -42,6 +45,7 @@ OPEN_PATHS = {
 OPEN_PREFIXES = ("/static_content/", "/health/", "/app/")
 MAX_CACHED_KEYS = 10_000
 RETRY_AFTER_S = "1"  # what a 503 tells a client to wait, in seconds
+STORE_TIMEOUT_S = 0.5  # a rate-limit store slower than this is treated as down
 KEY_CACHE_S = 5.0  # a revoked key is refused within this long; the database is asked once per key and period
 
 
@@ -75,6 +79,7 @@ class ApiKeys:
         authenticate: Callable[[str], Caller | None],
         route_roles: dict[str, str],
         rate_limits: dict[str, str],
+        rate_limit_store: str = "memory://",
     ):
         from limits import parse
         from limits.aio.storage import MemoryStorage
@@ -82,7 +87,9 @@ class ApiKeys:
 
         self.app, self.authenticate, self.route_roles = app, authenticate, route_roles
         self.rates = {role: parse(rate) for role, rate in rate_limits.items()}  # e.g. "120/minute"
-        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+        self.limiter = MovingWindowRateLimiter(shared_storage(rate_limit_store))
+        # while a shared store is down, each process counts on its own: limited, not blocked
+        self.fallback = MovingWindowRateLimiter(MemoryStorage())
         self._known: dict[str, tuple[Caller | None, float]] = {}
 
     async def __call__(self, scope, receive, send) -> None:
@@ -111,11 +118,13 @@ class ApiKeys:
 
     async def _over_limit(self, caller: Caller) -> int:
         """Seconds until the key may call again; 0 when it may now (and the call is counted)."""
-        rate = self.rates[caller.role]
-        if await self.limiter.hit(rate, caller.name):
-            return 0
-        stats = await self.limiter.get_window_stats(rate, caller.name)
-        return max(1, math.ceil(stats.reset_time - time.time()))
+        from limits.errors import StorageError
+
+        try:
+            return await wait_s(self.limiter, self.rates[caller.role], caller.name)
+        except StorageError as error:
+            logger.warning("rate-limit store failed (%s); counting in this process meanwhile", error)
+            return await wait_s(self.fallback, self.rates[caller.role], caller.name)
 
     async def _caller(self, key: str) -> Caller | None:
         """The key's caller, asked of the database at most once per KEY_CACHE_S. While the
@@ -132,6 +141,23 @@ class ApiKeys:
                 return cached[0]
             self._known[key] = cached
         return cached[0]
+
+
+def shared_storage(uri: str):
+    """limits' async storage for `uri`; a Redis store gives up after STORE_TIMEOUT_S."""
+    from limits.storage import storage_from_string
+
+    if uri.startswith(("redis://", "rediss://", "redis+unix://")):
+        timeouts = {"socket_timeout": STORE_TIMEOUT_S, "socket_connect_timeout": STORE_TIMEOUT_S}
+        return storage_from_string(f"async+{uri}", wrap_exceptions=True, implementation="redispy", **timeouts)
+    return storage_from_string(f"async+{uri}", wrap_exceptions=True)
+
+
+async def wait_s(limiter, rate, name: str) -> int:
+    if await limiter.hit(rate, name):
+        return 0
+    stats = await limiter.get_window_stats(rate, name)
+    return max(1, math.ceil(stats.reset_time - time.time()))
 
 
 class KeysUnavailableError(Exception):

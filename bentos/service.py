@@ -413,6 +413,7 @@ InsectClassifier.add_asgi_middleware(
     authenticate=lambda key: caller_for(db.engine(settings), key),
     route_roles={"/predict": "client", "/feedback": "client", "/model": "client"},
     rate_limits=settings.serve.rate_limits,
+    rate_limit_store=settings.serve.rate_limit_store,
 )
 UPLOADS = {"/predict", "/feedback", f"{web.PREFIX}/identify"}
 InsectClassifier.add_asgi_middleware(Admission, routes=UPLOADS, max_in_flight=settings.serve.max_in_flight)

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -154,13 +154,25 @@ class ServeConfig(Section):
     backend: Literal["auto", "tvm", "eager"] = "auto"  # auto: the TVM build when it fits this CPU
     # requests per API key and moving window, by role (limits' notation); JSON to override
     rate_limits: dict[str, str] = {"client": "120/minute", "labeler": "1200/minute", "admin": "1200/minute"}
-    workers: int = 1  # service processes, each with its own model and batching
+    workers: int = Field(1, ge=1)  # service processes, each with its own model and batching
+    # where the rate limits count (limits' storage URI): memory:// counts per process, so more
+    # than one worker needs a shared store, e.g. redis://127.0.0.1:6380/1
+    rate_limit_store: str = "memory://"
     max_batch_size: int = 32  # images the model runs at once (1: no batching)
     # /predict and /feedback requests taken at once; one more gets 503 with Retry-After at the door
     max_in_flight: int = 256
     storage_threads: int = 4  # database and S3 calls run on these, never on classification's threads
     # after a storage failure, predictions are answered without being stored for this long
     storage_retry_s: float = 5.0
+
+    @model_validator(mode="after")
+    def _limits_shared_by_workers(self) -> ServeConfig:
+        if self.workers > 1 and self.rate_limit_store.startswith("memory://"):
+            raise ValueError(
+                f"serve.workers={self.workers} with rate limits counted in memory would let a key through at "
+                f"{self.workers} times its limit: set INSECT_SERVE__RATE_LIMIT_STORE to a shared store (redis://...)"
+            )
+        return self
 
 
 class RetryConfig(Section):
@@ -189,7 +201,8 @@ class StackConfig(Section):
     # Airflow tasks at once (LocalExecutor: one worker process each, kept once started; Airflow's
     # default of 32 left 32 idle processes on 2 cores)
     parallelism: int = Field(2, ge=1)
-    redis_port: int = 6380  # Celery's broker (CeleryExecutor only; 6379 is left to a system server)
+    redis_port: int = 6380  # Celery's broker, the Bento's rate-limit counts (6379 is left to a system server)
+    bento_workers: int = Field(2, ge=1)  # the Bento's processes, sharing the rate limits in Redis
     start_timeout_s: float = 180.0  # per service, until its health check passes
 
 

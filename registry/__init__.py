@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +30,8 @@ from ml.runtime import PredictFn
 from ml.tracking import RunLog, configure
 from registry.gate import GateDecision, decide
 from registry.pyfunc import SpeciesClassifierModel
+
+logger = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PROMOTED_AT = "promoted_at"
@@ -193,9 +196,14 @@ class Registration(BaseModel):
 
 def champion_predict_fn(settings: Settings) -> PredictFn | None:
     """The served champion as a batch -> logits function (checked like the service checks it),
-    for scoring candidates against it; None before the first champion."""
+    for scoring candidates against it; None before the first champion and for one that fails
+    its check."""
     configure(settings)
-    served = load_verified(settings.registered_model_name, CHAMPION)
+    try:
+        served = load_verified(settings.registered_model_name, CHAMPION)
+    except ChecksumError as error:
+        logger.warning("%s; candidates are judged as if there were no champion until one is promoted", error)
+        return None
     return None if served is None else served.predict
 
 

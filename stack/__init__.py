@@ -2,8 +2,8 @@
 
 In start order, each health-checked before the next starts: PostgreSQL (Airflow's metadata,
 MLflow's store and the feedback tables, each in its own database and role) -> an S3 API (rclone's
-S3 server over files: MLflow artifacts and feedback images) -> the MLflow tracking server ->
-(CeleryExecutor: Redis) -> Airflow's api-server, scheduler, dag-processor and triggerer ->
+S3 server over files: MLflow artifacts and feedback images) -> Redis (the Bento's rate-limit
+counts; Celery's broker) -> the MLflow tracking server -> Airflow's api-server, scheduler, dag-processor and triggerer ->
 (CeleryExecutor: the workers) -> the Bento serving the champion.
 Everything lives under `<data dir>/stack/`: the services' data, one log per service in `logs/`,
 and `secrets.json`, generated on first start and readable only by its owner.

@@ -50,18 +50,22 @@ class Layout:
     def ports(self) -> list[int]:
         """Every 127.0.0.1 port a service of the stack listens on."""
         stack = self.settings.stack
-        ports = [stack.postgres_port, stack.s3_port, stack.mlflow_port, stack.airflow_port, self.settings.serve.port]
-        if self.celery:
-            ports.append(stack.redis_port)
-        return ports
+        return [
+            stack.postgres_port,
+            stack.s3_port,
+            stack.redis_port,
+            stack.mlflow_port,
+            stack.airflow_port,
+            self.settings.serve.port,
+        ]
 
     @property
     def celery(self) -> bool:
         return self.settings.stack.executor == "CeleryExecutor"
 
-    @property
-    def broker_url(self) -> str:
-        return f"redis://127.0.0.1:{self.settings.stack.redis_port}/0"
+    def redis_url(self, database: int) -> str:
+        """Database 0: Celery's broker; 1: the Bento's rate-limit counts."""
+        return f"redis://:{self.secrets['redis_password']}@127.0.0.1:{self.settings.stack.redis_port}/{database}"
 
     def environment(self) -> dict[str, str]:
         """What every service (and a DAG task) needs to find the others: supervisord hands its
@@ -106,7 +110,7 @@ class Layout:
 
     def _celery_environment(self) -> dict[str, str]:
         return {
-            "AIRFLOW__CELERY__BROKER_URL": self.broker_url,
+            "AIRFLOW__CELERY__BROKER_URL": self.redis_url(0),
             # task states go to Airflow's own database, as in Airflow's compose file
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.database_url("airflow").replace("+psycopg2", ""),
         }

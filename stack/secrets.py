@@ -18,6 +18,7 @@ NAMES = (
     "s3_access_key",
     "s3_secret_key",
     "postgres_password",  # the superuser's, where a container image asks for one (compose)
+    "redis_password",  # Celery's broker and the Bento's rate-limit counts
 )
 # The variable each secret goes by in a deployment's .env: the AWS SDKs' names for the S3 keys.
 ENV_NAMES = {name: name.upper() for name in NAMES} | {

@@ -48,8 +48,8 @@ def services(layout: Layout) -> list[Service]:
     return [
         _postgres(layout),
         _s3(layout),
+        _redis(layout),
         _mlflow(layout),
-        *([_redis(layout)] if layout.celery else []),
         *_airflow(layout),
         *(_celery_workers(layout) if layout.celery else []),
         _bento(layout),
@@ -212,34 +212,33 @@ def _airflow_component_healthy(layout: Layout, component: str) -> bool:
 
 
 def _redis(layout: Layout) -> Service:
+    """Celery's broker and the rate-limit counts the Bento's workers share. Its password is in
+    a config file only the stack's owner reads, not in its command line."""
     data = layout.dir / "redis"
-    port = layout.settings.stack.redis_port
-    # append-only file: tasks queued when the stack stops are still queued after `make up`
+    config = data / "redis.conf"
+    settings = {
+        "bind": "127.0.0.1",
+        "port": layout.settings.stack.redis_port,
+        "dir": data,
+        "requirepass": layout.secrets["redis_password"],
+        "appendonly": "yes",  # tasks queued when the stack stops are still queued after `make up`
+        "save": '""',
+    }
+
+    def write_config() -> None:
+        data.mkdir(exist_ok=True)
+        write_private(config, "".join(f"{name} {value}\n" for name, value in settings.items()))
+
     return Service(
-        "redis",
-        [
-            _which("redis-server"),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dir",
-            str(data),
-            "--appendonly",
-            "yes",
-            "--save",
-            '""',
-        ],
-        partial(_redis_healthy, port),
-        before_start=lambda: data.mkdir(exist_ok=True),
+        "redis", [_which("redis-server"), str(config)], partial(_redis_healthy, layout.redis_url(0)), before_start=write_config
     )
 
 
-def _redis_healthy(port: int) -> bool:
+def _redis_healthy(url: str) -> bool:
     import redis
 
     try:
-        return redis.Redis(port=port, socket_timeout=2).ping()
+        return redis.Redis.from_url(url, socket_timeout=2).ping()
     except redis.RedisError:
         return False
 
@@ -248,7 +247,7 @@ def _celery_workers(layout: Layout) -> list[Service]:
     """`airflow celery worker`s taking one task at a time, each answering Celery's ping."""
     from celery import Celery
 
-    broker = Celery(broker=layout.broker_url)
+    broker = Celery(broker=layout.redis_url(0))
     workers = []
     for index in range(1, layout.settings.stack.workers + 1):
         name = f"worker{index}@{socket.gethostname()}"
@@ -281,7 +280,13 @@ def _bento(layout: Layout) -> Service:
         before_start=partial(_create_api_keys, layout),
         describe=partial(_served_model, layout),
         # the web app's models page links to the UIs of this stack
-        environment={"INSECT_SERVE__MLFLOW_UI_URL": layout.url("mlflow"), "INSECT_SERVE__AIRFLOW_UI_URL": layout.url("airflow")},
+        environment={
+            "INSECT_SERVE__MLFLOW_UI_URL": layout.url("mlflow"),
+            "INSECT_SERVE__AIRFLOW_UI_URL": layout.url("airflow"),
+            # the workers count each key's requests together
+            "INSECT_SERVE__WORKERS": str(layout.settings.stack.bento_workers),
+            "INSECT_SERVE__RATE_LIMIT_STORE": layout.redis_url(1),
+        },
     )
 
 
@@ -320,5 +325,7 @@ def _http_ok(url: str) -> bool:
 def _which(program: str) -> str:
     found = shutil.which(program)
     if found is None:
-        raise StackError(f"{program} is not on PATH: install PostgreSQL's server binaries, and for Celery redis-server")
+        raise StackError(
+            f"{program} is not on PATH: install PostgreSQL's server binaries and redis-server (`make system-packages`)"
+        )
     return found

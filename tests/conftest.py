@@ -13,7 +13,7 @@ import pytest
 from config import Settings, SyntheticDataConfig, get_settings
 from feedback import db, postgres
 from ml.data.synthetic import generate_synthetic
-from tests.support import TINY_ENV, free_port
+from tests.support import TINY_ENV, free_port, redis_server
 
 
 def pytest_configure(config):
@@ -108,3 +108,10 @@ def browser(tmp_path):
     )
     yield driver
     driver.quit()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> str:
+    """A real Redis server on localhost (`make system-packages`), nothing saved to disk."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url

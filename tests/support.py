@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -50,6 +52,28 @@ def answers(labels: list[int], right: list[bool], num_classes: int) -> SliceScor
     """A model's scores on a slice where it gets `right` images right (a wrong one: the next class)."""
     predicted = [label if ok else (label + 1) % num_classes for label, ok in zip(labels, right, strict=True)]
     return slice_scores(np.eye(num_classes)[predicted], np.array(labels))
+
+
+@contextlib.contextmanager
+def redis_server(directory: Path) -> Iterator[str]:
+    """A redis-server on a free localhost port, nothing saved to disk; yields its URL."""
+    import redis
+
+    port = free_port()
+    command = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    server = subprocess.Popen(command, cwd=directory, stdout=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, socket_timeout=1)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def free_port() -> int:
