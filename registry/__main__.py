@@ -83,6 +83,29 @@ def rollback() -> None:
 
 
 @app.command()
+def logins() -> None:
+    """Create a deployment's MLflow logins (basic-auth app), as its admin: passwords from
+    MLFLOW_ADMIN_PASSWORD and MLFLOW_<USER>_PASSWORD (AIRFLOW, BENTO, REVIEWER), the server
+    from MLFLOW_TRACKING_URI. Compose's and Kubernetes' init jobs run it; harmless again."""
+    import os
+
+    from registry.logins import PROMOTERS, USERS, LoginsError, create_logins
+
+    names = ["MLFLOW_TRACKING_URI", "MLFLOW_ADMIN_PASSWORD", *(f"MLFLOW_{user.upper()}_PASSWORD" for user in USERS)]
+    if missing := [name for name in names if not os.environ.get(name)]:
+        raise typer.BadParameter(f"set {', '.join(missing)}")
+    passwords = {user: os.environ[f"MLFLOW_{user.upper()}_PASSWORD"] for user in USERS}
+    with exit_on(LoginsError):
+        create_logins(
+            os.environ["MLFLOW_TRACKING_URI"],
+            os.environ["MLFLOW_ADMIN_PASSWORD"],
+            passwords,
+            get_settings().registered_model_name,
+        )
+    typer.echo(f"MLflow logins: {', '.join(USERS)}; may promote: {', '.join(PROMOTERS)}")
+
+
+@app.command()
 def summary() -> None:
     """The versions, then the commands that open the UIs."""
     list_versions()

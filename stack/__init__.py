@@ -116,7 +116,8 @@ class Stack(Layout):
         return [
             f"Airflow UI   {self.url('airflow')}   user {AIRFLOW_ADMIN}",
             f"             password in {self.secrets_file} (airflow_admin_password)",
-            f"MLflow UI    {self.url('mlflow')}",
+            f"MLflow UI    {self.url('mlflow')}   user reviewer (reads, promotes) or admin",
+            f"             passwords in {self.secrets_file} (mlflow_reviewer_password, mlflow_admin_password)",
             f"Bento API    {self.url('bento')}   Swagger UI at /, the OpenAPI document at /docs.json",
             f"Web app      {self.url('bento')}/app/   sign in with a key",
             f"             API keys in {self.keys}: client.key, labeler.key, admin.key",

@@ -62,6 +62,7 @@ def env() -> None:
     stack = Stack(get_settings())
     typer.echo(f"# make up's stack under {stack.dir}")
     shell = {"BENTO_URL": stack.url("bento"), "STACK_KEYS": str(stack.keys)}  # for curl and the README's examples
+    shell |= stack.mlflow_login("reviewer")  # a person's login: reads, and promotes
     for key, value in (stack.addresses() | shell).items():
         typer.echo(f"export {key}={shlex.quote(value)}")
 

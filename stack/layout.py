@@ -6,6 +6,7 @@ from __future__ import annotations
 from config import Settings
 from config.airflow import airflow_environment
 from feedback import postgres
+from registry import logins
 from stack import secrets as stack_secrets
 
 # One PostgreSQL role and database per service, with the secret holding the role's password.
@@ -14,6 +15,9 @@ AIRFLOW_ADMIN = "admin"
 # Set in every process the stack starts (to this stack's directory): `make down` finds stragglers by it.
 STACK_MARKER = "MAKE_UP_STACK_DIR"
 BUCKETS = ("mlflow", "feedback")  # the S3 service's: MLflow's artifacts, the users' photos
+# MLflow's logins besides its admin (registry.logins says who may do what), with the secret
+# holding each password.
+MLFLOW_USERS = {user: f"mlflow_{user}_password" for user in logins.USERS}
 
 
 class Layout:
@@ -32,6 +36,7 @@ class Layout:
         self.pid_file = self.dir / "supervisord.pid"
         self.s3_dir = self.dir / "s3"  # a directory per bucket, a file per object
         self.secrets_file = self.dir / "secrets.json"
+        self.mlflow_auth_config = self.dir / "mlflow" / "basic_auth.ini"  # its user store lives next to it
         self.secrets = stack_secrets.load_or_create(self.secrets_file)
 
     def url(self, service: str) -> str:
@@ -62,6 +67,10 @@ class Layout:
     @property
     def celery(self) -> bool:
         return self.settings.stack.executor == "CeleryExecutor"
+
+    def mlflow_login(self, user: str) -> dict[str, str]:
+        """What an MLflow client reads to log in as `user`."""
+        return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": self.secrets[MLFLOW_USERS[user]]}
 
     def redis_url(self, database: int) -> str:
         """Database 0: Celery's broker; 1: the Bento's rate-limit counts."""

@@ -19,6 +19,12 @@ NAMES = (
     "s3_secret_key",
     "postgres_password",  # the superuser's, where a container image asks for one (compose)
     "redis_password",  # Celery's broker and the Bento's rate-limit counts
+    # MLflow's basic-auth logins: its admin, one per service, and a person who may promote
+    "mlflow_admin_password",
+    "mlflow_airflow_password",
+    "mlflow_bento_password",
+    "mlflow_reviewer_password",
+    "mlflow_flask_secret_key",  # signs the MLflow UI's CSRF tokens
 )
 # The variable each secret goes by in a deployment's .env: the AWS SDKs' names for the S3 keys.
 ENV_NAMES = {name: name.upper() for name in NAMES} | {

@@ -20,8 +20,10 @@ import psycopg2
 from config import REPO_ROOT
 from config.private import write_private
 from feedback import postgres
+from registry.logins import ADMIN as MLFLOW_ADMIN
+from registry.logins import LoginsError, create_logins
 from stack.errors import StackError
-from stack.layout import AIRFLOW_ADMIN, BUCKETS, DATABASES, Layout
+from stack.layout import AIRFLOW_ADMIN, BUCKETS, DATABASES, MLFLOW_USERS, Layout
 
 BIN = Path(sys.executable).parent  # the project's virtual environment
 # Airflow's log servers listen on every interface, with no setting to bind them to 127.0.0.1. On
@@ -150,16 +152,47 @@ def _bucket_readable(layout: Layout, bucket: str) -> bool:
 
 
 def _mlflow(layout: Layout) -> Service:
+    """The tracking server and registry behind MLflow's basic-auth app: nothing without a login."""
     return Service(
         "mlflow",
         [
-            *(str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(layout.settings.stack.mlflow_port)),
-            *("--workers", "1", "--artifacts-destination", "s3://mlflow", "--serve-artifacts"),
+            *(str(BIN / "mlflow"), "server", "--app-name", "basic-auth"),
+            *("--host", "127.0.0.1", "--port", str(layout.settings.stack.mlflow_port), "--workers", "1"),
+            *("--artifacts-destination", "s3://mlflow", "--serve-artifacts"),
         ],
-        partial(_http_ok, f"{layout.url('mlflow')}/health"),
-        # the database URL holds its password: in the environment (read by `mlflow server`), not argv
-        environment={"MLFLOW_BACKEND_STORE_URI": layout.database_url("mlflow")},
+        partial(_http_ok, f"{layout.url('mlflow')}/health"),  # the one route open without a login
+        # secrets in the environment (read by `mlflow server`), not argv
+        environment={
+            "MLFLOW_BACKEND_STORE_URI": layout.database_url("mlflow"),
+            "MLFLOW_AUTH_CONFIG_PATH": str(layout.mlflow_auth_config),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": layout.secrets["mlflow_admin_password"],  # used once, to create the admin
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": layout.secrets["mlflow_flask_secret_key"],
+        },
+        before_start=partial(_write_mlflow_auth_config, layout),
+        after_healthy=partial(_create_mlflow_users, layout),
     )
+
+
+def _write_mlflow_auth_config(layout: Layout) -> None:
+    """basic-auth's settings: a login reads everything by default; users in SQLite beside it."""
+    layout.mlflow_auth_config.parent.mkdir(mode=0o700, exist_ok=True)
+    store = layout.mlflow_auth_config.with_name("basic_auth.db")
+    settings = {
+        "default_permission": "READ",
+        "database_uri": f"sqlite:///{store}",
+        "admin_username": MLFLOW_ADMIN,
+        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+    }
+    write_private(layout.mlflow_auth_config, "[mlflow]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+
+
+def _create_mlflow_users(layout: Layout) -> None:
+    passwords = {user: layout.secrets[secret] for user, secret in MLFLOW_USERS.items()}
+    admin_password = layout.secrets["mlflow_admin_password"]
+    try:
+        create_logins(layout.url("mlflow"), admin_password, passwords, layout.settings.registered_model_name)
+    except LoginsError as error:
+        raise StackError(str(error)) from error
 
 
 # -- Airflow, and with CeleryExecutor its broker and workers ---------------------------------------
@@ -175,7 +208,10 @@ def _airflow(layout: Layout) -> list[Service]:
             before_start=partial(_migrate_airflow, layout),
         ),
         Service(
-            "airflow-scheduler", [airflow, "scheduler", *NO_LOG_SERVER], partial(_airflow_component_healthy, layout, "scheduler")
+            "airflow-scheduler",
+            [airflow, "scheduler", *NO_LOG_SERVER],
+            partial(_airflow_component_healthy, layout, "scheduler"),
+            environment=layout.mlflow_login("airflow"),  # LocalExecutor's tasks run under it
         ),
         Service(
             "airflow-dag-processor", [airflow, "dag-processor"], partial(_airflow_component_healthy, layout, "dag_processor")
@@ -256,6 +292,7 @@ def _celery_workers(layout: Layout) -> list[Service]:
                 f"airflow-worker-{index}",
                 [str(BIN / "airflow"), "celery", "worker", "--concurrency", "1", "--celery-hostname", name, *NO_LOG_SERVER],
                 partial(_worker_answers, broker, name),
+                environment=layout.mlflow_login("airflow"),
             )
         )
     return workers
@@ -286,6 +323,7 @@ def _bento(layout: Layout) -> Service:
             # the workers count each key's requests together
             "INSECT_SERVE__WORKERS": str(layout.settings.stack.bento_workers),
             "INSECT_SERVE__RATE_LIMIT_STORE": layout.redis_url(1),
+            **layout.mlflow_login("bento"),  # reads the registry, moves no alias
         },
     )
 

@@ -284,6 +284,14 @@ async def confusion_matrix(request: Request, caller: Labeler, version: int, slic
         raise PageError(404, f"No confusion matrix for version {version} on {slice_name!r}.") from error
 
 
+def registry_refusal(error: MlflowException, otherwise: str) -> PageError:
+    """The page for an alias move the registry refused: a service whose MLflow login may only
+    read (as in `make up`) sends people to the MLflow UI, where their own login decides."""
+    if error.error_code == "PERMISSION_DENIED":
+        return PageError(403, "This service may only read the registry: promote in the MLflow UI, signed in as a reviewer.")
+    return PageError(404, otherwise)
+
+
 @router.post("/models/promote", dependencies=[Csrf])
 async def promote_version(
     request: Request, caller: Admin, version: Annotated[int, Form()], sure: Annotated[bool, Form()] = False
@@ -293,7 +301,7 @@ async def promote_version(
     try:
         await asyncio.to_thread(promote, request.app.state.model_name, str(version))
     except MlflowException as error:
-        raise PageError(404, f"No version {version} to promote.") from error
+        raise registry_refusal(error, f"No version {version} to promote.") from error
     return RedirectResponse(f"{PREFIX}/models?promoted={version}", status_code=303)
 
 
@@ -305,4 +313,6 @@ async def roll_back(request: Request, caller: Admin, sure: Annotated[bool, Form(
         version = await asyncio.to_thread(rollback, request.app.state.model_name)
     except LookupError as error:
         raise PageError(409, str(error)) from error
+    except MlflowException as error:
+        raise registry_refusal(error, "The registry refused the rollback.") from error
     return RedirectResponse(f"{PREFIX}/models?restored={version}", status_code=303)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -97,7 +98,7 @@ def stack_env(monkeypatch):
     ports = {f"INSECT_STACK__{name}_PORT": free_port() for name in ("POSTGRES", "S3", "MLFLOW", "AIRFLOW", "REDIS")}
     ports["INSECT_SERVE__PORT"] = free_port()
     env = {**os.environ, "INSECT_DATA_DIR": str(data / "data"), **{k: str(v) for k, v in ports.items()}}
-    for key in ("MLFLOW_TRACKING_URI", "AIRFLOW_HOME"):
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AIRFLOW_HOME"):
         env.pop(key, None)
     yield env, ports
     subprocess.run([sys.executable, "-m", "stack", "down"], env=env, cwd=REPO_ROOT, check=False)
@@ -246,7 +247,7 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
     )
     assert feedback_round.returncode == 0, feedback_round.stderr
 
-    client = mlflow.MlflowClient(stack.url("mlflow"))
+    client = logged_into_mlflow(stack, monkeypatch)
     eventually(
         lambda: (
             any(v.version == "2" for v in client.search_model_versions(f"name='{name}'"))
@@ -273,6 +274,8 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
     champion = client.get_model_version_by_alias(name, "champion")
     big = Path(tempfile.mkdtemp()) / "over-the-multipart-threshold.bin"
     big.write_bytes(os.urandom(21 * 2**20))  # S3 takes it in parts: moto's replay lost such files
+    for key, value in stack.mlflow_login("airflow").items():  # the run's owner; the reviewer may not write runs
+        monkeypatch.setenv(key, value)
     client.log_artifact(champion.run_id, str(big), "extra")
     before = artifact_digests(stack.url("mlflow"), name, champion)
     assert "run/extra/over-the-multipart-threshold.bin" in before
@@ -344,7 +347,29 @@ def see_the_uis(browser, stack: Stack, model_name: str) -> None:
     shows("//*[text()[contains(., 'asset_triggered__')]]", "airflow-retrain-runs.png")
 
     browser.get(f"{stack.url('mlflow')}/#/models/{model_name}")
+    assert "You are not authenticated" in browser.page_source  # the basic-auth app's answer without a login
+    login = stack.mlflow_login("reviewer")  # what the browser sends once a person fills its login prompt
+    basic = base64.b64encode(f"{login['MLFLOW_TRACKING_USERNAME']}:{login['MLFLOW_TRACKING_PASSWORD']}".encode()).decode()
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {basic}"}})
+    browser.get(f"{stack.url('mlflow')}/#/models/{model_name}")
     shows("//*[text()[contains(., 'champion')]]", "mlflow-model-aliases.png")  # the alias tag, "@ champion"
+
+
+def logged_into_mlflow(stack: Stack, monkeypatch) -> mlflow.MlflowClient:
+    """MLflow answers nobody without a login and lets the Bento's only read; the test's own
+    client then logs in as the reviewer, who may promote."""
+    search = f"{stack.url('mlflow')}/api/2.0/mlflow/registered-models/search"
+    assert httpx.get(search, timeout=30).status_code == 401
+    bento = stack.mlflow_login("bento")
+    as_bento = (bento["MLFLOW_TRACKING_USERNAME"], bento["MLFLOW_TRACKING_PASSWORD"])
+    assert httpx.get(search, auth=as_bento, timeout=30).status_code == 200
+    alias = {"name": stack.settings.registered_model_name, "alias": "champion", "version": "1"}
+    moved = httpx.post(f"{stack.url('mlflow')}/api/2.0/mlflow/registered-models/alias", json=alias, auth=as_bento, timeout=30)
+    assert moved.status_code == 403, moved.text
+    for key, value in stack.mlflow_login("reviewer").items():
+        monkeypatch.setenv(key, value)
+    return mlflow.MlflowClient(stack.url("mlflow"))
 
 
 def test_the_celery_executor_loads_with_the_locked_celery():
