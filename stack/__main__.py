@@ -68,10 +68,17 @@ def env() -> None:
 
 
 @app.command("env-file")
-def env_file(path: Annotated[Path, typer.Argument(help="where to write it")] = REPO_ROOT / ".env") -> None:
+def env_file(
+    path: Annotated[Path, typer.Argument(help="where to write it")] = REPO_ROOT / ".env",
+    workload: Annotated[
+        str | None, typer.Option(help=f"only this Kubernetes workload's secrets: {', '.join(secrets.WORKLOADS)}")
+    ] = None,
+) -> None:
     """Write the stack's secrets as a .env file for docker compose and Kubernetes (mode 0600)."""
+    if workload is not None and workload not in secrets.WORKLOADS:
+        raise typer.BadParameter(f"unknown workload {workload!r}; one of {', '.join(secrets.WORKLOADS)}")
     stack = Stack(get_settings())
-    secrets.write_env_file(stack.secrets, path)
+    secrets.write_env_file(stack.secrets, path, secrets.WORKLOADS[workload] if workload else secrets.NAMES)
     typer.echo(f"wrote {path} from {stack.secrets_file}")
 
 

@@ -33,6 +33,17 @@ ENV_NAMES = {name: name.upper() for name in NAMES} | {
 }
 
 
+S3_KEYS = ("s3_access_key", "s3_secret_key")
+# A Kubernetes workload's Secret holds only what it uses (`python -m stack env-file --workload W`).
+WORKLOADS = {
+    "mlflow": ("mlflow_db_password", "mlflow_admin_password", "mlflow_flask_secret_key", *S3_KEYS),
+    "mlflow-logins": ("mlflow_admin_password", "mlflow_airflow_password", "mlflow_bento_password", "mlflow_reviewer_password"),
+    "bento": ("feedback_db_password", "mlflow_bento_password", "redis_password", *S3_KEYS),
+    "airflow-tasks": ("feedback_db_password", "mlflow_airflow_password", *S3_KEYS),
+    "redis": ("redis_password",),
+}
+
+
 def load_or_create(path: Path) -> dict[str, str]:
     """The secrets in `path`, creating the file (mode 0600) with fresh random values the first
     time; a file written by an older version gains the names it lacks."""
@@ -43,7 +54,7 @@ def load_or_create(path: Path) -> dict[str, str]:
     return known | missing
 
 
-def write_env_file(secrets_: dict[str, str], path: Path) -> None:
-    """The secrets as a .env file (mode 0600) for `docker compose` and `kubectl create secret
-    generic --from-env-file`."""
-    write_private(path, "".join(f"{ENV_NAMES[name]}={secrets_[name]}\n" for name in NAMES))
+def write_env_file(secrets_: dict[str, str], path: Path, names: tuple[str, ...] = NAMES) -> None:
+    """The secrets `names` (all by default) as a .env file (mode 0600) for `docker compose` and
+    `kubectl create secret generic --from-env-file`."""
+    write_private(path, "".join(f"{ENV_NAMES[name]}={secrets_[name]}\n" for name in names))

@@ -15,7 +15,11 @@ KUBERNETES = REPO_ROOT / "infra" / "kubernetes"
 MANIFESTS = [doc for doc in yaml.safe_load_all((KUBERNETES / "platform.yaml").read_text()) if doc]
 HELM_VALUES = yaml.safe_load((KUBERNETES / "airflow-values.yaml").read_text())
 OUR_SERVICES = {name: s for name, s in COMPOSE["services"].items() if s.get("image") == "insect-mlops:latest"}
-CONTAINERS = [c for doc in MANIFESTS if doc["kind"] == "Deployment" for c in doc["spec"]["template"]["spec"]["containers"]]
+WORKLOADS = [doc for doc in MANIFESTS if doc["kind"] in ("Deployment", "Job")]
+CONTAINERS = [
+    c for doc in WORKLOADS for c in doc["spec"]["template"]["spec"]["containers"] if c["image"] == "insect-mlops:latest"
+]
+CONFIGMAP = {k for doc in MANIFESTS if doc["kind"] == "ConfigMap" for k in doc["data"]}
 
 
 def _environment_names() -> set[str]:
@@ -72,6 +76,32 @@ def test_every_variable_compose_and_kubernetes_interpolate_comes_from_the_env_fi
     assert kubernetes_vars and kubernetes_vars <= set(secrets.ENV_NAMES.values()) | configmap
 
 
+def test_each_kubernetes_workload_reads_only_its_own_secret():
+    """A workload's Secret is `insect-<workload>`, written by `python -m stack env-file --workload`,
+    and every secret its containers interpolate is in that Secret."""
+    from_helm = yaml.safe_load(HELM_VALUES["extraEnvFrom"])
+    helm = {"metadata": {"name": "airflow"}, "secrets": [e["secretRef"]["name"] for e in from_helm if "secretRef" in e]}
+    helm["text"] = yaml.safe_dump(HELM_VALUES["env"])
+    workloads = [helm] + [
+        {
+            "metadata": doc["metadata"],
+            "secrets": [
+                e["secretRef"]["name"]
+                for c in doc["spec"]["template"]["spec"]["containers"]
+                for e in c.get("envFrom", [])
+                if "secretRef" in e
+            ],
+            "text": yaml.safe_dump(doc["spec"]["template"]["spec"]["containers"]),
+        }
+        for doc in WORKLOADS
+    ]
+    for workload in workloads:
+        [secret] = workload["secrets"]
+        names = secrets.WORKLOADS[secret.removeprefix("insect-")]
+        used = set(re.findall(r"\$\(?(\w+)\)?", workload["text"])) - CONFIGMAP
+        assert used <= {secrets.ENV_NAMES[name] for name in names}, (workload["metadata"]["name"], used)
+
+
 def test_env_file_holds_every_secret_privately(tmp_path):
     values = secrets.load_or_create(tmp_path / "secrets.json")
     secrets.write_env_file(values, tmp_path / ".env")
@@ -123,10 +153,10 @@ def test_compose_publishes_the_bento_on_the_hosts_loopback_only():
 
 def test_kubernetes_serves_on_the_configured_ports_with_the_helm_chart_on_kubernetes_executor():
     settings = Settings()
-    ports = {c["name"]: c["ports"][0]["containerPort"] for c in CONTAINERS}
+    ports = {c["name"]: c["ports"][0]["containerPort"] for c in CONTAINERS if c.get("ports")}
     assert ports == {"mlflow": settings.stack.mlflow_port, "bento": settings.serve.port}
     services = {doc["metadata"]["name"]: doc["spec"]["ports"][0]["port"] for doc in MANIFESTS if doc["kind"] == "Service"}
-    assert services == {"insect-mlflow": settings.stack.mlflow_port, "insect-bento": settings.serve.port}
+    assert services == {"insect-mlflow": settings.stack.mlflow_port, "insect-bento": settings.serve.port, "insect-redis": 6379}
     assert HELM_VALUES["executor"] == "KubernetesExecutor"
     assert f"{HELM_VALUES['images']['airflow']['repository']}:latest" == next(iter(OUR_SERVICES.values()))["image"]
     import importlib.metadata
