@@ -23,14 +23,16 @@ $(VENV)/.synced: uv.lock pyproject.toml | $(UV)
 data: $(VENV)/.synced
 	$(PY) -m ml.data generate
 
-demo: $(VENV)/.synced data
+demo: $(VENV)/.synced data system-packages
 	scripts/demo.sh
 
-# Debian's packages for what the project starts itself besides PostgreSQL: Redis (Celery's
-# broker) and Chromium with its driver (the UI test). Installed once, as root or through sudo.
-SYSTEM_PACKAGES := redis-server chromium chromium-driver
+# Debian's packages for what the project starts itself: PostgreSQL (its server programs may be
+# off PATH, in /usr/lib/postgresql/<version>/bin, where the code finds them), Redis (rate limits,
+# Celery's broker) and Chromium with its driver (the UI tests). Installed once, as root or via sudo.
+SYSTEM_PACKAGES := postgresql redis-server chromium chromium-driver
 system-packages:
-	@command -v redis-server >/dev/null && command -v chromedriver >/dev/null || { \
+	@{ command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl; } >/dev/null 2>&1 && command -v redis-server >/dev/null \
+		&& command -v chromedriver >/dev/null || { \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); }
 

@@ -184,7 +184,10 @@ class InsectClassifier:
         self.storage = StorageLane(serve.storage_threads, serve.storage_retry_s)
         self.batcher = Batcher(self._run_batch, serve.max_batch_size)
         web.attach(web_app, settings, self)
-        self._reload()
+        try:
+            self._reload()
+        except Exception:  # a registry that does not answer yet must not stop the service: the watcher asks again
+            logger.exception("could not load the %r version of %s; not ready until it loads", settings.serve.alias, self.name)
         threading.Thread(target=self._watch_alias, name="alias-watcher", daemon=True).start()
 
     def _reload(self) -> None:

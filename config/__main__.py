@@ -1,9 +1,11 @@
 """`python -m config airflow-env`: shell exports that point Airflow and MLflow at the configured
-data directory, so the Makefile and a user's shell agree with the Python code."""
+data directory, so the Makefile and a user's shell agree with the Python code. `show`: the
+effective settings. `airflow-admin`: a deployment's Airflow admin login (FAB auth manager)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 
 import typer
@@ -23,11 +25,32 @@ def airflow_env() -> None:
 
 @app.command()
 def show() -> None:
-    """The effective settings, as JSON; a database URL's password shown as ***."""
+    """The effective settings, as JSON; the passwords in the database and Redis URLs shown as ***."""
     settings = get_settings().model_dump(mode="json")
-    if url := settings["feedback"]["database_url"]:
-        settings["feedback"]["database_url"] = make_url(url).render_as_string(hide_password=True)
+    for section, field in (("feedback", "database_url"), ("serve", "rate_limit_store")):
+        if url := settings[section][field]:
+            settings[section][field] = make_url(url).render_as_string(hide_password=True)
     print(json.dumps(settings, indent=2))
+
+
+@app.command("airflow-admin")
+def airflow_admin() -> None:
+    """Create Airflow's `admin` login (FAB auth manager, Admin role), or give it the password
+    again, from AIRFLOW_ADMIN_PASSWORD: through FAB's own user store, never a command line.
+    Compose's airflow-init and Kubernetes' insect-airflow-admin job run it after the migration."""
+    password = os.environ.get("AIRFLOW_ADMIN_PASSWORD")
+    if not password:
+        raise typer.BadParameter("set AIRFLOW_ADMIN_PASSWORD")
+    from airflow.providers.fab.auth_manager.cli_commands.utils import get_application_builder
+
+    with get_application_builder() as builder:
+        security = builder.sm
+        admin = security.find_user(username="admin")
+        if admin is None:
+            security.add_user("admin", "Airflow", "Admin", "admin@localhost", security.find_role("Admin"), password)
+        else:
+            security.reset_password(admin.id, password)
+    typer.echo("Airflow login admin: " + ("created" if admin is None else "password set"))
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def database_url(settings: Settings, *, start: bool = True) -> str:
             "`python -m feedback up` starts the embedded one; for `make up`'s stack, first run "
             '`eval "$(python -m stack env)"`'
         )
-    return postgres.url(settings.feedback.postgres_port)
+    return postgres.url(settings.postgres_dir, settings.feedback.postgres_port)
 
 
 @cache

@@ -1,10 +1,17 @@
 """The embedded PostgreSQL cluster: initialised under the data directory and started on first use,
-so the demo needs no database server set up by hand. A configured database URL bypasses it."""
+so the demo needs no database server set up by hand. A configured database URL bypasses it.
+
+Logins over TCP need the password (scram-sha-256) kept in a file beside the cluster that only its
+owner reads; over the cluster's own socket, in a directory only the server's account enters, the
+bootstrap role needs none. The server programs are found on PATH or where Debian's `postgresql`
+package installs them (/usr/lib/postgresql/<version>/bin)."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import re
+import secrets
 import shutil
 import subprocess
 import time
@@ -14,12 +21,26 @@ from pathlib import Path
 
 import psycopg2
 
+from config.private import write_private
+
 USER = DATABASE = "insect"
 # PostgreSQL refuses to run as root; as root, the server runs as this system account instead.
 SERVER_ACCOUNT = "postgres"
+DEBIAN_SERVERS = "/usr/lib/postgresql"
+# TCP logins by password; the cluster's socket (in its own 0700 directory) trusts its account
+AUTH = ("--auth-local=trust", "--auth-host=scram-sha-256")
 
 
-def _run(cluster: Path, *command: str) -> subprocess.CompletedProcess:
+def server_program(name: str) -> str | None:
+    """`initdb`, `pg_ctl` or `postgres`: on PATH, else the newest Debian-packaged version's."""
+    if found := shutil.which(name):
+        return found
+    packaged = [p for p in Path(DEBIAN_SERVERS).glob(f"*/bin/{name}") if p.parts[-3].isdigit()]
+    return str(max(packaged, key=lambda p: int(p.parts[-3]))) if packaged else None
+
+
+def _run(cluster: Path, program: str, *args: str) -> subprocess.CompletedProcess:
+    command = (server_program(program) or program, *args)
     if os.geteuid() == 0:
         command = ("runuser", "-u", SERVER_ACCOUNT, "--", *command)
     return subprocess.run(command, check=False, capture_output=True, text=True, cwd=cluster)
@@ -56,13 +77,15 @@ def init_cluster(cluster: Path, superuser: str, *auth: str) -> None:
 
 def ensure_running(cluster: Path, port: int) -> str:
     """Initialise (once) and start the cluster on 127.0.0.1:`port`; return its SQLAlchemy URL."""
-    if shutil.which("pg_ctl") is None:
+    if server_program("pg_ctl") is None:
         raise RuntimeError(
-            "PostgreSQL server binaries (initdb, pg_ctl) are not on PATH; install them or set INSECT_FEEDBACK__DATABASE_URL"
+            f"PostgreSQL server binaries (initdb, pg_ctl) are neither on PATH nor in {DEBIAN_SERVERS}/*/bin; "
+            "install them (`make system-packages`) or set INSECT_FEEDBACK__DATABASE_URL"
         )
     with _locked(cluster):
-        init_cluster(cluster, USER, "--auth=trust")
+        init_cluster(cluster, USER, *AUTH)
         if not is_running(cluster):
+            _require_passwords_over_tcp(cluster)
             started = _pg_ctl(
                 cluster,
                 "start",
@@ -76,19 +99,37 @@ def ensure_running(cluster: Path, port: int) -> str:
             )
             if started.returncode != 0:
                 raise RuntimeError(f"PostgreSQL did not start: {started.stderr.strip()} (see {cluster / 'server.log'})")
-        _create_database(port)
-    return url(port)
+        _create_database(cluster, port)
+    return url(cluster, port)
 
 
-def url(port: int) -> str:
-    """The embedded cluster's database, as SQLAlchemy names it."""
-    return f"postgresql+psycopg2://{USER}@127.0.0.1:{port}/{DATABASE}"
+def url(cluster: Path, port: int) -> str:
+    """The embedded cluster's database, as SQLAlchemy names it, with its login's password."""
+    return f"postgresql+psycopg2://{USER}:{_password(cluster)}@127.0.0.1:{port}/{DATABASE}"
 
 
-def _create_database(port: int) -> None:
+def _password(cluster: Path) -> str:
+    """The login's password, generated once into a file only its owner reads."""
+    path = cluster.with_name(f"{cluster.name}.password")
+    if not path.exists():
+        write_private(path, secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
+def _require_passwords_over_tcp(cluster: Path) -> None:
+    """A cluster initialised before logins needed a password trusted every TCP login: no more."""
+    hba = cluster / "pg_hba.conf"
+    lines = hba.read_text().splitlines()
+    hardened = [re.sub(r"\btrust$", "scram-sha-256", line.rstrip()) if line.startswith("host") else line for line in lines]
+    if hardened != lines:
+        hba.write_text("\n".join(hardened) + "\n")
+
+
+def _create_database(cluster: Path, port: int) -> None:
+    """The login's password (again: how a new one takes effect) and its database, over the socket."""
     for _ in range(50):  # the socket can lag `pg_ctl -w` by a moment
         try:
-            conn = psycopg2.connect(host="127.0.0.1", port=port, user=USER, dbname="postgres")
+            conn = psycopg2.connect(host=str(cluster), port=port, user=USER, dbname="postgres")
             break
         except psycopg2.OperationalError:
             time.sleep(0.1)
@@ -97,6 +138,7 @@ def _create_database(port: int) -> None:
     conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
     try:
         with conn.cursor() as cur:
+            cur.execute(f"ALTER ROLE {USER} PASSWORD %s", (_password(cluster),))
             create_database(cur, DATABASE)
     finally:
         conn.close()

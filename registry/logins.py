@@ -19,12 +19,22 @@ class LoginsError(RuntimeError):
 
 
 def create_logins(tracking_uri: str, admin_password: str, passwords: dict[str, str], model_name: str) -> None:
-    """Each of `USERS` with its password, and the promoters' right to `model_name`'s aliases;
-    harmless again (an existing user keeps its password)."""
+    """Each of `USERS` with its password; `model_name` registered by airflow (its owner), so that
+    the Bento can ask for a champion before the first version (basic-auth answers a login that
+    asks for a model that does not exist 403, not 404); the promoters' right to its aliases.
+    Harmless again; an existing user is given its password again (how a new one takes effect)."""
     with httpx.Client(base_url=f"{tracking_uri.rstrip('/')}/api", auth=(ADMIN, admin_password), timeout=30) as mlflow:
         for user in USERS:
-            created = mlflow.post("/2.0/mlflow/users/create", json={"username": user, "password": passwords[user]})
-            _done_or_done_before(created, f"create the login {user!r}")
+            login = {"username": user, "password": passwords[user]}
+            created = mlflow.post("/2.0/mlflow/users/create", json=login)
+            if "RESOURCE_ALREADY_EXISTS" in created.text:
+                created = mlflow.patch("/2.0/mlflow/users/update-password", json=login)
+            _done_or_done_before(created, f"create the login {user!r} or set its password")
+        model = {"name": model_name}
+        _done_or_done_before(
+            mlflow.post("/2.0/mlflow/registered-models/create", json=model, auth=("airflow", passwords["airflow"])),
+            f"register {model_name!r}",
+        )
         for user in PROMOTERS:
             grant = {"username": user, "resource_type": "registered_model", "resource_id": model_name, "permission": "EDIT"}
             _done_or_done_before(mlflow.post("/3.0/mlflow/users/permissions/grant", json=grant), f"let {user!r} promote")

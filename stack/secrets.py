@@ -40,6 +40,7 @@ WORKLOADS = {
     "mlflow-logins": ("mlflow_admin_password", "mlflow_airflow_password", "mlflow_bento_password", "mlflow_reviewer_password"),
     "bento": ("feedback_db_password", "mlflow_bento_password", "redis_password", *S3_KEYS),
     "airflow-tasks": ("feedback_db_password", "mlflow_airflow_password", *S3_KEYS),
+    "airflow-admin": ("airflow_admin_password",),
     "redis": ("redis_password",),
 }
 

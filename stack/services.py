@@ -80,7 +80,7 @@ def _postgres(layout: Layout) -> Service:
 
 def _init_cluster(layout: Layout) -> None:
     # The bootstrap superuser logs in over the cluster's own socket only; TCP logins need a password.
-    postgres.init_cluster(layout.cluster, "postgres", "--auth-local=trust", "--auth-host=scram-sha-256")
+    postgres.init_cluster(layout.cluster, "postgres", *postgres.AUTH)
 
 
 def _admin_connection(layout: Layout):
@@ -361,7 +361,7 @@ def _http_ok(url: str) -> bool:
 
 
 def _which(program: str) -> str:
-    found = shutil.which(program)
+    found = postgres.server_program(program) if program == "postgres" else shutil.which(program)
     if found is None:
         raise StackError(
             f"{program} is not on PATH: install PostgreSQL's server binaries and redis-server (`make system-packages`)"

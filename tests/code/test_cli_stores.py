@@ -41,11 +41,14 @@ def test_promoting_a_version_that_does_not_exist_is_one_line_naming_the_registry
     assert done.stderr.strip().splitlines()[-1] == "Registered Model with name=insect-classifier not found"
 
 
-def test_config_show_hides_the_database_password(tmp_path):
+def test_config_show_hides_the_database_and_redis_passwords(tmp_path):
     url = "postgresql+psycopg2://insect:s3cret-pw@127.0.0.1:5434/insect"
-    done = run(tmp_path, "config", "show", INSECT_FEEDBACK__DATABASE_URL=url)
-    assert done.returncode == 0 and "s3cret-pw" not in done.stdout
-    assert json.loads(done.stdout)["feedback"]["database_url"] == "postgresql+psycopg2://insect:***@127.0.0.1:5434/insect"
+    store = "redis://:r3dis-pw@127.0.0.1:6380/1"
+    done = run(tmp_path, "config", "show", INSECT_FEEDBACK__DATABASE_URL=url, INSECT_SERVE__RATE_LIMIT_STORE=store)
+    assert done.returncode == 0 and "s3cret-pw" not in done.stdout and "r3dis-pw" not in done.stdout
+    shown = json.loads(done.stdout)
+    assert shown["feedback"]["database_url"] == "postgresql+psycopg2://insect:***@127.0.0.1:5434/insect"
+    assert shown["serve"]["rate_limit_store"] == "redis://:***@127.0.0.1:6380/1"
 
 
 def test_stack_env_points_a_shell_at_the_stack(tmp_path):
@@ -54,3 +57,35 @@ def test_stack_env_points_a_shell_at_the_stack(tmp_path):
     assert exports["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5055"
     assert exports["INSECT_FEEDBACK__DATABASE_URL"].startswith("postgresql+psycopg2://insect:")
     assert {"INSECT_FEEDBACK__S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(exports)
+
+
+def test_airflow_admin_creates_the_fab_login_without_its_password_in_an_argument(tmp_path):
+    """Airflow with the FAB auth manager (compose, Kubernetes) on a fresh database: after
+    `python -m config airflow-admin`, `admin` is an Admin whose password is the given one, and
+    running it again with another password changes it."""
+    fab = {
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow.db'}",
+        "AIRFLOW__CORE__AUTH_MANAGER": "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    }
+    airflow = os.path.join(os.path.dirname(sys.executable), "airflow")
+    migrated = subprocess.run([airflow, "db", "migrate"], env={**os.environ, **fab}, capture_output=True, text=True, check=False)
+    assert migrated.returncode == 0, migrated.stderr[-2000:]
+    for password in ("first-admin-password", "second-admin-password"):
+        done = run(tmp_path, "config", "airflow-admin", AIRFLOW_ADMIN_PASSWORD=password, **fab)
+        assert done.returncode == 0, done.stderr
+        assert password not in done.stdout + done.stderr
+        check = (
+            "from airflow.providers.fab.auth_manager.cli_commands.utils import get_application_builder\n"
+            "from werkzeug.security import check_password_hash\n"
+            "with get_application_builder() as builder:\n"
+            "    user = builder.sm.find_user(username='admin')\n"
+            f"    print([r.name for r in user.roles], check_password_hash(user.password, {password!r}))"
+        )
+        checked = subprocess.run(
+            [sys.executable, "-c", check], env={**os.environ, **fab}, capture_output=True, text=True, check=False
+        )
+        assert checked.stdout.strip().splitlines()[-1] == "['Admin'] True", checked.stderr[-2000:]
+    refused = run(tmp_path, "config", "airflow-admin", AIRFLOW_ADMIN_PASSWORD="", **fab)
+    assert refused.returncode == 2 and "AIRFLOW_ADMIN_PASSWORD" in refused.stderr

@@ -96,8 +96,8 @@ def test_each_kubernetes_workload_reads_only_its_own_secret():
         for doc in WORKLOADS
     ]
     for workload in workloads:
-        [secret] = workload["secrets"]
-        names = secrets.WORKLOADS[secret.removeprefix("insect-")]
+        assert len(workload["secrets"]) <= 1, workload["metadata"]["name"]
+        names = [name for secret in workload["secrets"] for name in secrets.WORKLOADS[secret.removeprefix("insect-")]]
         used = set(re.findall(r"\$\(?(\w+)\)?", workload["text"])) - CONFIGMAP
         assert used <= {secrets.ENV_NAMES[name] for name in names}, (workload["metadata"]["name"], used)
 
@@ -130,7 +130,9 @@ def test_deployments_set_what_make_up_sets(tmp_path, monkeypatch):
     monkeypatch.setenv("INSECT_STACK__EXECUTOR", "celery")  # compose runs Celery workers
     local = Stack(Settings()).environment()
     # a container listens on its own interface (make up: 127.0.0.1); its home and port are the image's
-    wanted = {k for k in local if not k.startswith(("AIRFLOW_HOME", "AIRFLOW__API__PORT", "AIRFLOW__API__HOST"))}
+    # make up alone keeps SimpleAuthManager (on 127.0.0.1); compose logs in through FAB
+    make_up_only = ("AIRFLOW_HOME", "AIRFLOW__API__PORT", "AIRFLOW__API__HOST", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER")
+    wanted = {k for k in local if not k.startswith(make_up_only)}
     airflow_env = set(COMPOSE["x-airflow-common"]["environment"])
     assert wanted - airflow_env == set(), "in make up's environment but not in compose's Airflow services"
     kubernetes = _environment_names() | set(secrets.ENV_NAMES.values())
@@ -199,3 +201,21 @@ def test_bentofile_names_the_service_and_existing_files_and_the_locked_versions(
         name, _, version = requirement.partition("==")
         assert locked.get(name.split("[")[0].lower().replace("_", "-")) == version, f"{requirement} differs from uv.lock"
     assert {"bentoml", "mlflow", "torch", "apache-tvm"} <= {r.partition("==")[0] for r in pinned}
+
+
+def test_the_build_context_leaves_out_the_environment_data_and_secrets():
+    ignored = {line for line in (REPO_ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")}
+    assert {".venv", "data", ".env", ".env.*", ".git"} <= ignored
+    copied = {
+        word
+        for line in (REPO_ROOT / "infra" / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+        for word in line.split()[1:-1]
+    }
+    assert not copied & ignored
+
+
+def test_compose_and_kubernetes_put_the_base_dataset_in_place_before_the_first_retrain():
+    assert "python -m ml.data generate" in COMPOSE["services"]["airflow-init"]["command"][0]
+    [job] = [c for c in CONTAINERS if c["command"] == ["python", "-m", "ml.data", "generate"]]
+    assert {"name": "INSECT_DATA_DIR", "value": "/data"} in job["env"] and job["volumeMounts"][0]["mountPath"] == "/data"

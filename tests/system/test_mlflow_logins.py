@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from typer.testing import CliRunner
 
 from config import get_settings
+from registry import version_by_alias
 from registry.__main__ import app
 from registry.logins import USERS
 from tests.support import free_port
@@ -70,19 +71,22 @@ def test_only_logins_get_in_the_services_read_and_the_reviewer_promotes(mlflow_s
     monkeypatch.setenv("MLFLOW_ADMIN_PASSWORD", ADMIN_PASSWORD)
     for user, password in PASSWORDS.items():
         monkeypatch.setenv(f"MLFLOW_{user.upper()}_PASSWORD", password)
-    for _ in range(2):  # harmless again
-        created = CliRunner().invoke(app, ["logins"])
-        assert created.exit_code == 0, created.output
+    monkeypatch.setenv("MLFLOW_REVIEWER_PASSWORD", "an-old-reviewer-password")
+    assert CliRunner().invoke(app, ["logins"]).exit_code == 0
+    monkeypatch.setenv("MLFLOW_REVIEWER_PASSWORD", PASSWORDS["reviewer"])  # rotated: run again
+    created = CliRunner().invoke(app, ["logins"])
+    assert created.exit_code == 0, created.output
     name = get_settings().registered_model_name
     mlflow.set_tracking_uri(mlflow_server)
     client = mlflow.MlflowClient()
 
     assert httpx.get(f"{mlflow_server}/api/2.0/mlflow/registered-models/search", timeout=10).status_code == 401
+    _log_in(monkeypatch, "bento")  # before the first version: no champion yet, not a refusal
+    assert version_by_alias(name, "champion") is None
     _log_in(monkeypatch, "airflow")  # the training pipeline: its run and its version
     mlflow.set_experiment("insect-test")
     with mlflow.start_run() as run:
         mlflow.log_param("epochs", 1)
-    client.create_registered_model(name)
     version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id).version
 
     _log_in(monkeypatch, "bento")

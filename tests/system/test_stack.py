@@ -346,8 +346,8 @@ def see_the_uis(browser, stack: Stack, model_name: str) -> None:
     browser.get(f"{stack.url('airflow')}/dags/retrain/runs")
     shows("//*[text()[contains(., 'asset_triggered__')]]", "airflow-retrain-runs.png")
 
-    browser.get(f"{stack.url('mlflow')}/#/models/{model_name}")
-    assert "You are not authenticated" in browser.page_source  # the basic-auth app's answer without a login
+    browser.get(f"{stack.url('mlflow')}/#/models/{model_name}")  # without a login: a browser login prompt
+    assert "champion" not in browser.page_source and httpx.get(stack.url("mlflow"), timeout=30).status_code == 401
     login = stack.mlflow_login("reviewer")  # what the browser sends once a person fills its login prompt
     basic = base64.b64encode(f"{login['MLFLOW_TRACKING_USERNAME']}:{login['MLFLOW_TRACKING_PASSWORD']}".encode()).decode()
     browser.execute_cdp_cmd("Network.enable", {})
