@@ -77,27 +77,52 @@ class Layout:
         return f"redis://:{self.secrets['redis_password']}@127.0.0.1:{self.settings.stack.redis_port}/{database}"
 
     def environment(self) -> dict[str, str]:
-        """What every service (and a DAG task) needs to find the others: supervisord hands its
-        own environment to its programs, so it is started with this."""
+        """Where everything is, and no secret: supervisord hands its own environment to every
+        program, so it is started with this; each service adds only the secrets it uses."""
         return {
             **airflow_environment(self.settings, airflow_home=self.airflow_home),
-            **self.addresses(),
+            **self._whereabouts(),
             **self._airflow_services(),
-            **(self._celery_environment() if self.celery else {}),
         }
 
     def addresses(self) -> dict[str, str]:
-        """Where the services are, and the keys to them: for the services and for a user's shell."""
+        """Where the services are, and the keys to the storage: for a user's shell."""
+        return {**self._whereabouts(), **self.storage_secrets()}
+
+    def _whereabouts(self) -> dict[str, str]:
         return {
             "INSECT_DATA_DIR": str(self.settings.data_dir),
-            "INSECT_FEEDBACK__DATABASE_URL": self.database_url(postgres.DATABASE),
             "INSECT_FEEDBACK__S3_BUCKET": "feedback",
             "INSECT_FEEDBACK__S3_ENDPOINT_URL": self.url("s3"),
             "MLFLOW_TRACKING_URI": self.url("mlflow"),  # the server, not the settings' local store
             "MLFLOW_S3_ENDPOINT_URL": self.url("s3"),  # where the MLflow server keeps artifacts
-            "AWS_ACCESS_KEY_ID": self.secrets["s3_access_key"],
-            "AWS_SECRET_ACCESS_KEY": self.secrets["s3_secret_key"],
             "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def s3_keys(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.secrets["s3_access_key"], "AWS_SECRET_ACCESS_KEY": self.secrets["s3_secret_key"]}
+
+    def storage_secrets(self) -> dict[str, str]:
+        """The feedback database and the S3 keys: for the Bento and the DAGs' tasks."""
+        return {"INSECT_FEEDBACK__DATABASE_URL": self.database_url(postgres.DATABASE), **self.s3_keys()}
+
+    def airflow_secrets(self, *, tokens: bool = True) -> dict[str, str]:
+        """What an Airflow component needs: its database, with CeleryExecutor the broker, and (for
+        tasks) storage and the MLflow login `airflow`; with `tokens` the JWT secret and the API
+        server's key, which a Celery worker, running tasks with the tokens it is handed, has no use for."""
+        return {
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database_url("airflow"),
+            **(self._celery_environment() if self.celery else {}),
+            **self.storage_secrets(),
+            **self.mlflow_login("airflow"),
+            **(
+                {
+                    "AIRFLOW__API_AUTH__JWT_SECRET": self.secrets["airflow_jwt_secret"],
+                    "AIRFLOW__API__SECRET_KEY": self.secrets["airflow_api_secret_key"],
+                }
+                if tokens
+                else {}
+            ),
         }
 
     def _airflow_services(self) -> dict[str, str]:
@@ -109,9 +134,6 @@ class Layout:
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url('airflow')}/execution/",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{AIRFLOW_ADMIN}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.airflow_passwords),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database_url("airflow"),
-            "AIRFLOW__API_AUTH__JWT_SECRET": self.secrets["airflow_jwt_secret"],
-            "AIRFLOW__API__SECRET_KEY": self.secrets["airflow_api_secret_key"],
             "AIRFLOW__API__HOST": "127.0.0.1",  # Airflow's default is every interface
             "AIRFLOW__API__PORT": str(self.settings.stack.airflow_port),
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.logs / "airflow"),

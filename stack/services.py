@@ -167,6 +167,7 @@ def _mlflow(layout: Layout) -> Service:
             "MLFLOW_AUTH_CONFIG_PATH": str(layout.mlflow_auth_config),
             "MLFLOW_AUTH_ADMIN_PASSWORD": layout.secrets["mlflow_admin_password"],  # used once, to create the admin
             "MLFLOW_FLASK_SERVER_SECRET_KEY": layout.secrets["mlflow_flask_secret_key"],
+            **layout.s3_keys(),  # its artifacts
         },
         before_start=partial(_write_mlflow_auth_config, layout),
         after_healthy=partial(_create_mlflow_users, layout),
@@ -182,6 +183,7 @@ def _write_mlflow_auth_config(layout: Layout) -> None:
         "database_uri": f"sqlite:///{store}",
         "admin_username": MLFLOW_ADMIN,
         "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+        "auth_cache_ttl_seconds": 60,  # a login's password hash is checked once a minute, not per request
     }
     write_private(layout.mlflow_auth_config, "[mlflow]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
 
@@ -206,18 +208,25 @@ def _airflow(layout: Layout) -> list[Service]:
             [airflow, "api-server", "--workers", "1"],
             partial(_http_ok, f"{layout.url('airflow')}/api/v2/monitor/health"),
             before_start=partial(_migrate_airflow, layout),
+            environment=layout.airflow_secrets(),
         ),
         Service(
             "airflow-scheduler",
             [airflow, "scheduler", *NO_LOG_SERVER],
             partial(_airflow_component_healthy, layout, "scheduler"),
-            environment=layout.mlflow_login("airflow"),  # LocalExecutor's tasks run under it
+            environment=layout.airflow_secrets(),  # LocalExecutor's tasks run under it
         ),
         Service(
-            "airflow-dag-processor", [airflow, "dag-processor"], partial(_airflow_component_healthy, layout, "dag_processor")
+            "airflow-dag-processor",
+            [airflow, "dag-processor"],
+            partial(_airflow_component_healthy, layout, "dag_processor"),
+            environment=layout.airflow_secrets(),
         ),
         Service(
-            "airflow-triggerer", [airflow, "triggerer", *NO_LOG_SERVER], partial(_airflow_component_healthy, layout, "triggerer")
+            "airflow-triggerer",
+            [airflow, "triggerer", *NO_LOG_SERVER],
+            partial(_airflow_component_healthy, layout, "triggerer"),
+            environment=layout.airflow_secrets(),
         ),
     ]
 
@@ -227,7 +236,7 @@ def _migrate_airflow(layout: Layout) -> None:
     write_private(layout.airflow_passwords, json.dumps({AIRFLOW_ADMIN: layout.secrets["airflow_admin_password"]}))
     migrated = subprocess.run(
         [str(BIN / "airflow"), "db", "migrate"],
-        env={**os.environ, **layout.environment()},
+        env={**os.environ, **layout.environment(), **layout.airflow_secrets()},
         capture_output=True,
         text=True,
         check=False,
@@ -292,7 +301,7 @@ def _celery_workers(layout: Layout) -> list[Service]:
                 f"airflow-worker-{index}",
                 [str(BIN / "airflow"), "celery", "worker", "--concurrency", "1", "--celery-hostname", name, *NO_LOG_SERVER],
                 partial(_worker_answers, broker, name),
-                environment=layout.mlflow_login("airflow"),
+                environment=layout.airflow_secrets(tokens=False),
             )
         )
     return workers
@@ -323,6 +332,7 @@ def _bento(layout: Layout) -> Service:
             # the workers count each key's requests together
             "INSECT_SERVE__WORKERS": str(layout.settings.stack.bento_workers),
             "INSECT_SERVE__RATE_LIMIT_STORE": layout.redis_url(1),
+            **layout.storage_secrets(),
             **layout.mlflow_login("bento"),  # reads the registry, moves no alias
         },
     )

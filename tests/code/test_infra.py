@@ -116,7 +116,8 @@ def test_every_insect_and_airflow_variable_is_a_real_setting(tmp_path, monkeypat
     from airflow.configuration import conf
 
     options = conf.configuration_description  # Airflow's own and its installed providers' options
-    local = Stack(Settings()).environment()
+    stack = Stack(Settings())
+    local = stack.environment() | stack.airflow_secrets()
     for name in _environment_names() | set(local):
         if name.startswith("INSECT_"):
             assert _settings_field_exists(name), name
@@ -128,7 +129,8 @@ def test_every_insect_and_airflow_variable_is_a_real_setting(tmp_path, monkeypat
 def test_deployments_set_what_make_up_sets(tmp_path, monkeypatch):
     monkeypatch.setenv("INSECT_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("INSECT_STACK__EXECUTOR", "celery")  # compose runs Celery workers
-    local = Stack(Settings()).environment()
+    stack = Stack(Settings())
+    local = stack.environment() | stack.airflow_secrets()
     # a container listens on its own interface (make up: 127.0.0.1); its home and port are the image's
     # make up alone keeps SimpleAuthManager (on 127.0.0.1); compose logs in through FAB
     make_up_only = ("AIRFLOW_HOME", "AIRFLOW__API__PORT", "AIRFLOW__API__HOST", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER")
