@@ -4,7 +4,7 @@ it. Each refusal is a JSON `{"error": "..."}` with its 4xx status.
 - `ApiKeys`: every route but health, metrics and the API documentation needs an API key
   (`Authorization: Bearer KEY` or `X-API-Key: KEY`) whose role may call it: 401 without a known
   key, 403 for a role that may not, 429 with Retry-After over the key's rate limit (per role,
-  a moving window), 404 for a route that is not public.
+  a sliding window), 404 for a route that is not public.
 - `Admission`: at most so many requests on the upload routes at once; one more gets 503 with
   Retry-After before its body is read. Every 503 the service answers carries Retry-After.
 - `UploadLimits`: 413 for a body over the limit, from Content-Length or while it streams in,
@@ -83,13 +83,15 @@ class ApiKeys:
     ):
         from limits import parse
         from limits.aio.storage import MemoryStorage
-        from limits.aio.strategies import MovingWindowRateLimiter
+        from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
         self.app, self.authenticate, self.route_roles = app, authenticate, route_roles
         self.rates = {role: parse(rate) for role, rate in rate_limits.items()}  # e.g. "120/minute"
-        self.limiter = MovingWindowRateLimiter(shared_storage(rate_limit_store))
+        # two counters a key and window, whatever the limit (a moving window keeps every hit: in
+        # Redis, each request walked a list as long as the limit)
+        self.limiter = SlidingWindowCounterRateLimiter(shared_storage(rate_limit_store))
         # while a shared store is down, each process counts on its own: limited, not blocked
-        self.fallback = MovingWindowRateLimiter(MemoryStorage())
+        self.fallback = SlidingWindowCounterRateLimiter(MemoryStorage())
         self._known: dict[str, tuple[Caller | None, float]] = {}
 
     async def __call__(self, scope, receive, send) -> None:

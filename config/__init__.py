@@ -152,7 +152,7 @@ class ServeConfig(Section):
     airflow_ui_url: str | None = None
     reload_interval_s: float = 10.0  # how often the alias is polled for a new version
     backend: Literal["auto", "tvm", "eager"] = "auto"  # auto: the TVM build when it fits this CPU
-    # requests per API key and moving window, by role (limits' notation); JSON to override
+    # requests per API key and sliding window, by role (limits' notation); JSON to override
     rate_limits: dict[str, str] = {"client": "120/minute", "labeler": "1200/minute", "admin": "1200/minute"}
     workers: int = Field(1, ge=1)  # service processes, each with its own model and batching
     # where the rate limits count (limits' storage URI): memory:// counts per process, so more

@@ -8,7 +8,7 @@ def test_every_config_builds_and_runs():
     for name in available_configs():
         coca = build_coca(name, vocab_size=50)
         size = coca.visual.image_size[0]
-        out = coca(torch.rand(2, 3, size, size), torch.randint(1, 50, (2, 24)))
+        out = coca(torch.rand(1, 3, size, size), torch.randint(1, 50, (1, 24)))  # batch 1, on the CPU
         assert torch.isfinite(out["logits"]).all() and out["logits"].shape[-1] == 50
 
 
