@@ -121,18 +121,16 @@ def command_line(process: psutil.Process) -> str:
         return ""
 
 
-def assert_each_service_holds_only_its_secrets(processes: list[psutil.Process]) -> None:
-    """The Bento holds no Airflow secret and logs into MLflow as `bento`; the MLflow server holds
-    neither the feedback database's nor Airflow's; a Celery worker cannot mint Airflow API tokens."""
+def assert_each_service_holds_only_its_secrets(processes: list[psutil.Process], secrets: list[str]) -> None:
+    """supervisord, whose environment every service inherits, holds no secret; the Bento's workers
+    hold no Airflow secret and log into MLflow as `bento`; the MLflow server holds neither the
+    feedback database's nor Airflow's; a Celery worker cannot mint Airflow API tokens."""
+    airflow = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY"}
     refused = {
-        "bentoml serve": {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY"},
-        "mlflow server": {
-            "INSECT_FEEDBACK__DATABASE_URL",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
-            "AIRFLOW__API_AUTH__JWT_SECRET",
-        },
+        "supervisord": set(),
+        "_bentoml_impl.worker.service": airflow,
+        "mlflow server": {"INSECT_FEEDBACK__DATABASE_URL", *airflow},
         "celery worker": {"AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY"},
-        "redis-server": {"AWS_SECRET_ACCESS_KEY", "INSECT_FEEDBACK__DATABASE_URL", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"},
     }
     seen = set()
     for process in processes:
@@ -140,13 +138,15 @@ def assert_each_service_holds_only_its_secrets(processes: list[psutil.Process]) 
         for service, names in refused.items():
             if service in line:
                 try:
-                    held = set(process.environ())
+                    environment = process.environ()
                 except (psutil.NoSuchProcess, psutil.ZombieProcess):
                     continue
                 seen.add(service)
-                assert not held & names, f"{service} holds {sorted(held & names)}"
-                if service == "bentoml serve":
-                    assert process.environ()["MLFLOW_TRACKING_USERNAME"] == "bento"
+                assert not set(environment) & names, f"{service} holds {sorted(set(environment) & names)}"
+                if service == "supervisord":
+                    assert not [v for v in environment.values() if any(secret in v for secret in secrets)]
+                if service.startswith("_bentoml"):
+                    assert environment["MLFLOW_TRACKING_USERNAME"] == "bento"
     assert seen == set(refused), seen
 
 
@@ -244,7 +244,7 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
     assert not [secret for secret in secrets if secret in out], "make up printed a secret"
     in_argv = [line for line in map(command_line, processes) if any(secret in line for secret in secrets)]
     assert not in_argv, f"a secret in a command line: {[line.split()[0] for line in in_argv]}"
-    assert_each_service_holds_only_its_secrets(processes)
+    assert_each_service_holds_only_its_secrets(processes, secrets)
     # every listener of the stack, by port and by process, from the system's socket table: on 127.0.0.1 only
     table = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
     pids = {p.pid for p in processes}
