@@ -14,6 +14,18 @@ PROMOTERS = ("reviewer",)
 USERS = (*SERVICES, *PROMOTERS)
 
 
+def auth_config(database_uri: str) -> str:
+    """The basic-auth app's settings file (MLFLOW_AUTH_CONFIG_PATH), its users kept in `database_uri`."""
+    settings = {
+        "default_permission": "READ",
+        "database_uri": database_uri,
+        "admin_username": ADMIN,
+        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+        "auth_cache_ttl_seconds": 60,  # a login's password hash is checked once a minute, not per request
+    }
+    return "[mlflow]\n" + "".join(f"{name} = {value}\n" for name, value in settings.items())
+
+
 class LoginsError(RuntimeError):
     """The MLflow server refused to create a login or grant a permission."""
 

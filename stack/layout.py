@@ -110,20 +110,16 @@ class Layout:
         """What an Airflow component needs: its database, with CeleryExecutor the broker, and (for
         tasks) storage and the MLflow login `airflow`; with `tokens` the JWT secret and the API
         server's key, which a Celery worker, running tasks with the tokens it is handed, has no use for."""
-        return {
+        secrets = {
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database_url("airflow"),
             **(self._celery_environment() if self.celery else {}),
             **self.storage_secrets(),
             **self.mlflow_login("airflow"),
-            **(
-                {
-                    "AIRFLOW__API_AUTH__JWT_SECRET": self.secrets["airflow_jwt_secret"],
-                    "AIRFLOW__API__SECRET_KEY": self.secrets["airflow_api_secret_key"],
-                }
-                if tokens
-                else {}
-            ),
         }
+        if tokens:
+            secrets["AIRFLOW__API_AUTH__JWT_SECRET"] = self.secrets["airflow_jwt_secret"]
+            secrets["AIRFLOW__API__SECRET_KEY"] = self.secrets["airflow_api_secret_key"]
+        return secrets
 
     def _airflow_services(self) -> dict[str, str]:
         """Airflow as separate services sharing one PostgreSQL database and one login."""

@@ -20,8 +20,7 @@ import psycopg2
 from config import REPO_ROOT
 from config.private import write_private
 from feedback import postgres
-from registry.logins import ADMIN as MLFLOW_ADMIN
-from registry.logins import LoginsError, create_logins
+from registry.logins import LoginsError, auth_config, create_logins
 from stack.errors import StackError
 from stack.layout import AIRFLOW_ADMIN, BUCKETS, DATABASES, MLFLOW_USERS, Layout
 
@@ -178,14 +177,7 @@ def _write_mlflow_auth_config(layout: Layout) -> None:
     """basic-auth's settings: a login reads everything by default; users in SQLite beside it."""
     layout.mlflow_auth_config.parent.mkdir(mode=0o700, exist_ok=True)
     store = layout.mlflow_auth_config.with_name("basic_auth.db")
-    settings = {
-        "default_permission": "READ",
-        "database_uri": f"sqlite:///{store}",
-        "admin_username": MLFLOW_ADMIN,
-        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
-        "auth_cache_ttl_seconds": 60,  # a login's password hash is checked once a minute, not per request
-    }
-    write_private(layout.mlflow_auth_config, "[mlflow]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+    write_private(layout.mlflow_auth_config, auth_config(f"sqlite:///{store}"))
 
 
 def _create_mlflow_users(layout: Layout) -> None:

@@ -221,3 +221,14 @@ def test_compose_and_kubernetes_put_the_base_dataset_in_place_before_the_first_r
     assert "python -m ml.data generate" in COMPOSE["services"]["airflow-init"]["command"][0]
     [job] = [c for c in CONTAINERS if c["command"] == ["python", "-m", "ml.data", "generate"]]
     assert {"name": "INSECT_DATA_DIR", "value": "/data"} in job["env"] and job["volumeMounts"][0]["mountPath"] == "/data"
+
+
+def test_compose_and_kubernetes_configure_mlflows_logins_as_make_up_does():
+    import configparser
+
+    from registry.logins import auth_config
+
+    committed, generated = configparser.ConfigParser(), configparser.ConfigParser()
+    committed.read(REPO_ROOT / "infra" / "mlflow" / "basic_auth.ini")
+    generated.read_string(auth_config("sqlite:////var/lib/mlflow-auth/basic_auth.db"))
+    assert dict(committed["mlflow"]) == dict(generated["mlflow"])

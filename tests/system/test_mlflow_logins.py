@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from config import get_settings
 from registry import version_by_alias
 from registry.__main__ import app
-from registry.logins import USERS
+from registry.logins import USERS, auth_config
 from tests.support import free_port
 
 ADMIN_PASSWORD = "admin-password-for-the-test"
@@ -28,9 +28,7 @@ PASSWORDS = {user: f"{user}-password-for-the-test" for user in USERS}
 @pytest.fixture
 def mlflow_server(tmp_path) -> str:
     config = tmp_path / "basic_auth.ini"
-    config.write_text(
-        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path / 'users.db'}\nadmin_username = admin\n"
-    )
+    config.write_text(auth_config(f"sqlite:///{tmp_path / 'users.db'}"))
     port = free_port()
     env = {
         **os.environ,
