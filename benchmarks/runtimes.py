@@ -19,8 +19,11 @@ def torch_compile(model: torch.nn.Module, batch: int, work_dir: Path) -> Run:
     return eager(compiled, batch, work_dir)
 
 
-def onnx_runtime(model: torch.nn.Module, batch: int, work_dir: Path) -> Run:
+def onnx_runtime(model: torch.nn.Module, batch: int, work_dir: Path, provider: str = "CPUExecutionProvider") -> Run:
     import onnxruntime as ort
+
+    if provider not in ort.get_available_providers():
+        raise LookupError(f"this onnxruntime has no {provider} (on a GPU, onnxruntime-gpu provides it)")
 
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / f"model_b{batch}.onnx"
@@ -29,7 +32,7 @@ def onnx_runtime(model: torch.nn.Module, batch: int, work_dir: Path) -> Run:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=[provider])
     return lambda x: session.run(None, {"images": x})[0]
 
 

@@ -77,7 +77,7 @@ class SpeciesScore(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     version: str
-    backend: str = Field(description="torch-eager, or tvm-llvm when a TVM build for this CPU was registered")
+    backend: str = Field(description="tvm-cuda or tvm-llvm when a TVM build for this GPU or CPU was registered, else torch-eager")
 
 
 class PredictionResponse(BaseModel):

@@ -60,6 +60,9 @@ class TrainConfig(Section):
     patience: int = 3  # epochs without val improvement before early stopping
     seed: int = 0
     max_steps_per_epoch: int | None = None  # cap for smoke tests
+    # Processes decoding and augmenting the next batches while a step runs: a GPU waits on them
+    # without; on a CPU they would take its cores from training.
+    loader_workers: int = Field(0, ge=0)
     # A retrain starts from the champion's trained weights (skipping CoCa pretraining) when the
     # champion knows the same species, and fine-tunes for `warm_start_epochs` (all of them), the
     # champion distilling into it on the base images.
@@ -151,7 +154,7 @@ class ServeConfig(Section):
     mlflow_ui_url: str | None = None
     airflow_ui_url: str | None = None
     reload_interval_s: float = 10.0  # how often the alias is polled for a new version
-    backend: Literal["auto", "tvm", "eager"] = "auto"  # auto: the TVM build when it fits this CPU
+    backend: Literal["auto", "tvm", "eager"] = "auto"  # auto: the TVM build for this GPU, else this CPU, else eager
     # requests per API key and sliding window, by role (limits' notation); JSON to override
     rate_limits: dict[str, str] = {"client": "120/minute", "labeler": "1200/minute", "admin": "1200/minute"}
     workers: int = Field(1, ge=1)  # service processes, each with its own model and batching

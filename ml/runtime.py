@@ -1,5 +1,5 @@
-"""Running a TVM-built classifier library on the CPU: what the compile step checks and what the
-registry's model flavour serves. Needs the TVM runtime only, none of the training code."""
+"""Running a TVM-built classifier library on the CPU or a GPU: what the compile step checks and
+what the registry's model flavour serves. Needs the TVM runtime only, none of the training code."""
 
 from __future__ import annotations
 
@@ -25,18 +25,31 @@ def cuda_key(arch: str) -> str:
     return f"{_CUDA_PREFIX}{arch}"
 
 
+def gpu_arch() -> str | None:
+    """This machine's first GPU as a CUDA arch (`sm_90` on an H100 or H200), None without one."""
+    import tvm
+
+    if not tvm.runtime.enabled("cuda") or not tvm.cuda(0).exist:
+        return None
+    return "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+
+
 def llvm_libraries(artifacts: dict[str, str]) -> dict[int, str]:
     """Batch size -> library path, of the llvm libraries among a version's artifacts."""
     return {int(key.removeprefix(_LLVM_PREFIX)): path for key, path in artifacts.items() if key.startswith(_LLVM_PREFIX)}
 
 
 def eager_predict_fn(module) -> PredictFn:
-    """A torch module (or torch.export program's module) as a numpy batch -> logits function."""
+    """A torch module (or torch.export program's module) as a numpy batch -> float32 logits
+    function, run where its weights are and in their dtype (a GPU, bf16 inside a training engine)."""
     import torch
+
+    weight = next(module.parameters())
+    device, dtype = weight.device, weight.dtype
 
     def predict(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return module(torch.as_tensor(batch)).numpy()
+            return module(torch.as_tensor(batch).to(device, dtype)).float().cpu().numpy()
 
     return predict
 
@@ -86,6 +99,23 @@ class CompiledClassifier:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         step = max(self._mains)
         return np.concatenate([self._run(batch[i : i + step]) for i in range(0, len(batch), step)])
+
+
+class CudaClassifier:
+    """A TVM CUDA library (any batch size) on this machine's first GPU: float32 NCHW images in
+    [0, 1] -> logits, numpy in and out, as the CPU libraries are called."""
+
+    def __init__(self, library: Path):
+        import tvm
+        from tvm import relax
+
+        self._device = tvm.cuda(0)
+        self._to_device = tvm.runtime.tensor
+        self._main = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self._device)["main"]
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        images = self._to_device(np.ascontiguousarray(batch, dtype=np.float32), device=self._device)
+        return self._main(images)[0].numpy()
 
 
 def aligned_zeros(shape: tuple[int, ...], alignment: int = 64) -> np.ndarray:

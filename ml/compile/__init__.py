@@ -122,19 +122,28 @@ def build_static(model: torch.nn.Module, batch: int, cfg: CompileConfig, tuning_
     return out_path
 
 
-def build_cuda(mod, arch: str):
-    """Cross-compile a Relax module for one CUDA arch, with dlight's default thread schedules."""
+def cuda_target(arch: str):
+    import tvm
+
+    return tvm.target.Target({"kind": "cuda", "arch": arch})
+
+
+def build_cuda(mod, target, database=None):
+    """Build a Relax module for a CUDA target: the kernels `database` holds tuned schedules for
+    take them (MetaSchedule's records), every other one dlight's default thread schedules."""
     import tvm
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
-    tvm_target = tvm.target.Target({"kind": "cuda", "arch": arch})
-    with tvm_target:
+    with target, tvm.transform.PassContext(opt_level=3):
         mod = relax.get_pipeline("zero")(mod)
-        mod = dl.ApplyDefaultSchedule(
+        if database is not None:
+            with database:
+                mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        mod = dl.ApplyDefaultSchedule(  # leaves the kernels scheduled above as they are
             dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
         )(mod)
-    return tvm.relax.build(mod, target=tvm_target)
+    return tvm.relax.build(mod, target=target)
 
 
 def cuda_kernel_source(library_module) -> str:
@@ -166,7 +175,7 @@ def build_cuda_libraries(program: torch.export.ExportedProgram, archs: list[str]
         return {}
     mod, paths = to_relax(program), {}
     for arch in archs:
-        executable = build_cuda(mod, arch)
+        executable = build_cuda(mod, cuda_target(arch))
         cuda_kernel_source(executable.mod)  # fails loudly if no kernels were generated
         paths[arch] = out_dir / f"model_cuda_{arch}.so"
         executable.export_library(str(paths[arch]))

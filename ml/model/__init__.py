@@ -83,7 +83,10 @@ class SpeciesClassifier(nn.Module):
         return int(self.visual.image_size[0])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.visual((images - self.mean) / self.std))
+        normalised = (images - self.mean) / self.std
+        if normalised.dtype != images.dtype:  # bf16 images in training meet the float32 buffers
+            normalised = normalised.to(images.dtype)
+        return self.head(self.visual(normalised))
 
 
 class SelfAttention(nn.Module):

@@ -16,7 +16,7 @@ from ml.evaluate import classification_metrics, collect_logits
 from ml.model import SpeciesClassifier
 from ml.runtime import eager_predict_fn
 from ml.tracking import NO_RUN, RunLog
-from ml.train.engine import fit, shard_loader
+from ml.train.engine import fit, placement, shard_loader
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
@@ -77,6 +77,8 @@ def finetune_classifier(
     images = TrainImages(dataset_dir, model.image_size)
     loader = shard_loader(images, cfg, weights=sampling_weights(images, cfg))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    if teacher is not None:  # it reads the student's batches, as they are placed for the engine
+        teacher.to(*placement(cfg))
 
     def loss_fn(engine, batch):
         images, labels, from_user = batch

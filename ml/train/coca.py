@@ -14,7 +14,7 @@ from config import Settings
 from ml.data import IP102Dataset, all_captions, caption, read_classes, train_transform
 from ml.model import CaptionTokenizer, build_coca, load_config
 from ml.tracking import NO_RUN, RunLog
-from ml.train.engine import fit, rank, shard_loader, world_size
+from ml.train.engine import fit, placed, placement, rank, shard_loader, world_size
 
 
 def _caption_collate(classes: list[str], tokenize, rng: random.Random):
@@ -51,8 +51,9 @@ def pretrain_coca(settings: Settings, dataset_dir: Path, checkpoint_dir: Path, r
     val_loader = DataLoader(val_set, batch_size=settings.train.batch_size, collate_fn=collate)
 
     def score_fn(module) -> float:  # negative validation loss
+        where = placement(settings.train)
         with torch.inference_mode():
-            return -float(np.mean([sum(coca_loss(**module(i, t))).item() for i, t in val_loader]))
+            return -float(np.mean([sum(coca_loss(**module(*placed(batch, *where)))).item() for batch in val_loader]))
 
     fit(
         coca,

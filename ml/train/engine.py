@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,13 +97,32 @@ def shard_loader(dataset: Dataset, cfg: TrainConfig, weights: torch.Tensor | Non
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank(), seed=cfg.seed, drop_last=True)
     else:
         sampler = WeightedShardSampler(weights, num_replicas=world, rank=rank(), seed=cfg.seed)
-    return DataLoader(dataset, batch_size=max(1, cfg.batch_size // world), sampler=sampler, drop_last=True, **kwargs)
+    batch = max(1, cfg.batch_size // world)
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.loader_workers, **kwargs)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def placement(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """Where the engine keeps the module (this rank's GPU, else the CPU) and the dtype its
+    weights take there: DeepSpeed's bf16 and fp16 modes cast the module itself, so every input
+    and any other model fed the same batches (a teacher) must follow."""
+    precision = json.loads(Path(cfg.deepspeed_config).read_text())
+    dtype = next(
+        (dtype for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)) if precision.get(key, {}).get("enabled")),
+        torch.float32,
+    )
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+    return device, dtype
+
+
+def placed(batch: tuple, device: torch.device, dtype: torch.dtype) -> tuple:
+    """A loader's batch on `device`, its floating-point tensors (images) cast to `dtype`."""
+    return tuple(t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in batch)
 
 
 def deepspeed_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
@@ -145,28 +165,30 @@ def fit(
     epoch, and one that had finished only restores its best epoch."""
     steps_per_epoch = min(len(loader), cfg.max_steps_per_epoch or len(loader))
     own_attributes = {id(obj): set(vars(obj)) for obj in [*model.parameters(), *model.modules()]}
-    engine = deepspeed_engine(model, cfg, steps_per_epoch * epochs)
+    engine, where = deepspeed_engine(model, cfg, steps_per_epoch * epochs), placement(cfg)
     progress = _resume(engine, checkpoint_dir, stage)
     best, best_epoch, epoch = progress["best"], progress["best_epoch"], progress["epoch"]
     first_epoch = epochs if progress["finished"] else epoch + 1
     for epoch in range(first_epoch, epochs):
         loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         engine.train()
-        losses = []
+        losses, step_ends = [], []
         batches = tqdm(
             loader, total=steps_per_epoch, desc=f"{stage} epoch {epoch + 1}/{epochs}", unit="batch", disable=not is_rank0()
         )
         for step, batch in enumerate(batches):
             if step == steps_per_epoch:
                 break
-            loss = loss_fn(engine, batch)
+            loss = loss_fn(engine, placed(batch, *where))
             engine.backward(loss)
             engine.step()
             losses.append(mean_over_ranks(loss.item()))  # the loss of the whole (global) batch
+            step_ends.append(time.perf_counter())  # .item() waited for the step's kernels
             batches.set_postfix(loss=f"{np.mean(losses):.3f}")
         engine.eval()
         score = score_fn(engine.module)
-        run.metrics({f"{stage}_train_loss": float(np.mean(losses)), f"{stage}_val_score": score}, step=epoch)
+        metrics = {f"{stage}_train_loss": float(np.mean(losses)), f"{stage}_val_score": score}
+        run.metrics(metrics | _speed(stage, step_ends), step=epoch)
         if score > best:
             best, best_epoch = score, epoch
             engine.save_checkpoint(str(checkpoint_dir), tag=f"{stage}-best")
@@ -177,6 +199,15 @@ def fit(
     engine.load_checkpoint(str(checkpoint_dir), tag=f"{stage}-best", load_optimizer_states=False, load_lr_scheduler_states=False)
     _release(engine, own_attributes)
     return best, epoch + 1
+
+
+def _speed(stage: str, step_ends: list[float]) -> dict[str, float]:
+    """Steps per second after the first step (which also pays for start-up: allocations, kernel
+    selection), and on a GPU the peak memory this process has had allocated there."""
+    speed = {f"{stage}_steps_per_s": (len(step_ends) - 1) / (step_ends[-1] - step_ends[0])} if len(step_ends) > 1 else {}
+    if torch.cuda.is_available():
+        speed[f"{stage}_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return speed
 
 
 def _save_progress(engine, checkpoint_dir: Path, stage: str, **progress) -> None:
@@ -212,9 +243,9 @@ def _resume(engine, checkpoint_dir: Path, stage: str) -> dict:
 
 
 def _release(engine, own_attributes: dict[int, set[str]]) -> None:
-    """Detach DeepSpeed from the module, leaving a plain one behind (picklable, exportable): drop
-    its forward hooks and the attributes ZeRO hung on each parameter and submodule (process groups
-    and hook classes among them).
+    """Detach DeepSpeed from the module, leaving a plain float32 one on the CPU behind (picklable,
+    exportable, what the later stages load): drop its forward hooks and the attributes ZeRO hung
+    on each parameter and submodule (process groups and hook classes among them).
     Under ZeRO-3 each rank holds a slice of every weight: gather them whole first."""
     whole = None
     if engine.zero_optimization_stage() == 3:
@@ -233,3 +264,4 @@ def _release(engine, own_attributes: dict[int, set[str]]) -> None:
     for obj in [*engine.module.parameters(), *engine.module.modules()]:
         for key in set(vars(obj)) - own_attributes.get(id(obj), set()):
             delattr(obj, key)
+    engine.module.to("cpu", torch.float32)

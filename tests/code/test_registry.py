@@ -170,6 +170,37 @@ def test_a_version_with_a_tvm_library_for_this_cpu_is_served_by_tvm(settings, ar
     assert load_verified(settings.registered_model_name, backend="eager").backend == "torch-eager"
 
 
+def test_a_version_with_a_cuda_library_for_the_gpu_present_is_served_by_tvm_cuda(settings, artifacts, monkeypatch):
+    """The library itself needs a GPU to load: here a stand-in takes its place, and the real
+    fallback (no GPU on this machine) is checked first."""
+    import registry.pyfunc
+
+    _, files = artifacts
+    library = files["exported"].with_name("model_cuda_sm_80.so")
+    library.write_bytes(b"a CUDA library")
+    model_config = {"classes": CLASSES, "image_size": 64}
+    register_model(
+        settings.registered_model_name, {**files, "tvm_cuda_sm_80": library}, model_config, {}, RunLog.start(settings, "cuda")
+    )
+    promote(settings.registered_model_name, "1")
+    assert load_verified(settings.registered_model_name).backend == "torch-eager"  # no GPU here
+
+    class StandIn:
+        def __init__(self, path):
+            self.library = Path(path).read_bytes()
+
+        def __call__(self, batch):
+            return np.zeros((len(batch), len(CLASSES)), np.float32)
+
+    monkeypatch.setattr(registry.pyfunc, "gpu_arch", lambda: "sm_80")
+    monkeypatch.setattr(registry.pyfunc, "CudaClassifier", StandIn)
+    served = load_verified(settings.registered_model_name)
+    assert (served.backend, served.model._run.library) == ("tvm-cuda", b"a CUDA library")
+    assert load_verified(settings.registered_model_name, backend="eager").backend == "torch-eager"
+    monkeypatch.setattr(registry.pyfunc, "gpu_arch", lambda: "sm_90")  # a GPU the version was not built for
+    assert load_verified(settings.registered_model_name).backend == "torch-eager"
+
+
 def test_register_scores_the_champion_when_the_evaluation_did_not(settings, tmp_path):
     """`python -m ml.evaluate` knows no champion; the gate must still compare with it."""
     from ml.results import CompileResult, ValidationSummary

@@ -17,6 +17,7 @@ from ml.compile import (
     build_static,
     check_parity,
     cuda_kernel_source,
+    cuda_target,
     export,
     fused_kernels,
     host_tvm_target,
@@ -221,7 +222,7 @@ def test_parity_check_fails_on_a_different_model(tiny_model, tiny_dataset, setti
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="CUDA cross-compilation needs nvcc")
 def test_cuda_cross_compile_carries_kernels_for_the_arch(tiny_model, tmp_path):
-    executable = build_cuda(to_relax(export(tiny_model)), "sm_80")
+    executable = build_cuda(to_relax(export(tiny_model)), cuda_target("sm_80"))
     source = cuda_kernel_source(executable.mod)
     assert "__global__" in source
     executable.export_library(str(tmp_path / "model_cuda.so"))

@@ -18,6 +18,7 @@ from ml.data import read_classes, read_split
 from ml.data.synthetic import generate_synthetic
 from ml.evaluate import score
 from ml.model import SpeciesClassifier, build_coca, load_classifier
+from ml.prune import prune
 from ml.runtime import eager_predict_fn
 from ml.tracking import RunLog
 from ml.train import train, warm_classifier
@@ -25,6 +26,7 @@ from ml.train.classifier import TrainImages, finetune_classifier, sampling_weigh
 from ml.train.engine import WeightedShardSampler
 from tests.support import free_port
 
+GPU_ZERO2 = REPO_ROOT / "ml" / "train" / "ds_config_zero2_gpu.json"
 DISTRIBUTED_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 MIN_TINY_TOP1 = 0.5  # chance is 0.25 (a chance model reaches 80 of 160 with p < 1e-9); measured 0.794
 LOSS_CURVE_TOLERANCE = 0.10  # relative, per epoch (measured: at most 5.8%): augmentation draws differ per rank
@@ -43,7 +45,8 @@ def test_training_steps_through_deepspeed(settings, tmp_path, monkeypatch):
     assert epochs == 1 and 0.0 <= top1 <= 1.0
     assert not torch.equal(before, model.head.weight)  # the optimizer stepped
     assert (tmp_path / "ckpt" / "smoke-best").is_dir()  # DeepSpeed checkpoint written
-    assert "smoke_train_loss" in mlflow.get_run(run.run_id).data.metrics
+    metrics = mlflow.get_run(run.run_id).data.metrics
+    assert "smoke_train_loss" in metrics and metrics["smoke_steps_per_s"] > 0
     torch.save(model, tmp_path / "plain.pt")  # DeepSpeed's hooks are gone: the module pickles
     # this process's store keeps MASTER_PORT bound: a subprocess that trains must not inherit it
     assert not DISTRIBUTED_VARIABLES & set(os.environ)
@@ -97,6 +100,20 @@ def test_zero3_shards_train_into_a_whole_classifier(settings, tmp_path):
     fresh = SpeciesClassifier.from_coca(build_coca("coca_tiny", vocab_size=50), read_classes(settings.base_dataset_dir))
     assert [p.shape for p in trained.visual.parameters()] == [p.shape for p in fresh.visual.parameters()]
     assert trained(torch.zeros(1, 3, trained.image_size, trained.image_size)).shape == (1, len(trained.classes))
+
+
+def test_the_gpu_zero2_bf16_config_trains_and_prunes_into_a_float32_cpu_classifier(settings, tmp_path):
+    """The GPU config's precision (bf16 weights inside the engine), run here on the CPU: batches,
+    the distilling teacher and the validation passes follow the engine's dtype, and what each stage
+    writes is a float32 model on the CPU, as the compile and serving steps take it."""
+    gpu = settings.train.model_copy(update={"deepspeed_config": GPU_ZERO2, "max_steps_per_epoch": 2})
+    gpu_settings = settings.model_copy(update={"train": gpu})
+    trained = train(gpu_settings, dataset_dir=settings.base_dataset_dir, out_dir=tmp_path / "train")
+    pruned = prune(gpu_settings, model_path=trained.model_path, dataset_dir=settings.base_dataset_dir, out_dir=tmp_path / "prune")
+    for path in (trained.model_path, pruned.model_path):
+        model = load_classifier(path)
+        assert {(p.dtype, p.device.type) for p in model.state_dict().values()} == {(torch.float32, "cpu")}
+        assert np.isfinite(eager_predict_fn(model)(np.zeros((1, 3, model.image_size, model.image_size), np.float32))).all()
 
 
 def _train_split(root: Path, labels: list[int], feedback: list[int]) -> TrainImages:
