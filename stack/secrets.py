@@ -19,6 +19,7 @@ NAMES = (
     "s3_secret_key",
     "postgres_password",  # the superuser's, where a container image asks for one (compose)
     "redis_password",  # Celery's broker and the Bento's rate-limit counts
+    "minio_root_password",  # compose's MinIO root; the services use the S3 keys of a user it limits to their buckets
     # MLflow's basic-auth logins: its admin, one per service, and a person who may promote
     "mlflow_admin_password",
     "mlflow_airflow_password",

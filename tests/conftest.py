@@ -3,11 +3,13 @@ and S3 servers on localhost."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import boto3
 import pytest
 
 from config import Settings, SyntheticDataConfig, get_settings
@@ -60,14 +62,31 @@ def postgres_url() -> str:
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> str:
-    """A real S3 API over HTTP on localhost (moto's standalone server)."""
+    """A real S3 API over HTTP on localhost (moto's standalone server) that checks credentials as
+    AWS does (moto's IAM authentication): only the keys of an IAM user created here get in, and
+    this process's AWS_* variables (which the servers the tests start inherit) hold them."""
+    from moto.core.authorization import enable_iam_authentication
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    endpoint = f"http://127.0.0.1:{port}"
+    iam = boto3.client("iam", endpoint_url=endpoint)
+    iam.create_user(UserName="insect-tests")
+    s3_only = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="insect-tests", PolicyName="s3", PolicyDocument=json.dumps(s3_only))
+    key = iam.create_access_key(UserName="insect-tests")["AccessKey"]
+    before = {name: os.environ[name] for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
+    boto3.setup_default_session()  # boto3's default session keeps the credentials it first resolved
+    try:
+        with enable_iam_authentication():
+            yield endpoint
+    finally:
+        os.environ.update(before)
+        boto3.setup_default_session()
+        server.stop()
 
 
 @pytest.fixture

@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import boto3
 import pytest
 import sqlalchemy as sa
+from botocore.exceptions import ClientError
 from PIL import Image
 
 from config import REPO_ROOT
@@ -183,3 +185,13 @@ def test_the_review_queue_gives_two_labelers_two_items_decides_once_and_lets_a_l
     lapsed = review.claim_next(engine, f"ann-{run}", unsure, hold_s=0)  # held for no time at all
     assert review.claim_next(engine, f"bob-{run}", unsure, hold_s=600).key == lapsed.key
     assert review.progress(engine, f"ann-{run}", unsure) == (1, 1)  # ann decided one; bob holds one, one is free
+
+
+def test_the_tests_s3_server_lets_in_only_its_iam_users_keys(s3_endpoint):
+    """As AWS: an unknown key and a known key with a wrong secret are refused (403)."""
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="keys-checked")
+    for key_id, secret in (("test", "test"), (os.environ["AWS_ACCESS_KEY_ID"], "not-the-secret")):
+        stranger = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=key_id, aws_secret_access_key=secret)
+        with pytest.raises(ClientError) as refused:
+            stranger.list_objects_v2(Bucket="keys-checked")
+        assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403

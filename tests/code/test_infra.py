@@ -2,6 +2,7 @@
 the Helm values are checked against the project: every file, command and variable they name
 exists, and their ports and variables agree with the config module and `make up`."""
 
+import json
 import re
 
 import pytest
@@ -151,8 +152,22 @@ def test_published_ports_are_the_configured_ones(service, port):
     assert any(published.endswith(f"{expected}:{expected}") for published in COMPOSE["services"][service]["ports"])
 
 
-def test_compose_publishes_the_bento_on_the_hosts_loopback_only():
-    assert COMPOSE["services"]["bento"]["ports"] == ["127.0.0.1:3000:3000"]
+def test_compose_publishes_every_port_on_the_hosts_loopback_only():
+    published = [port for service in COMPOSE["services"].values() for port in service.get("ports", [])]
+    assert published and all(port.startswith("127.0.0.1:") for port in published), published
+
+
+def test_no_compose_service_but_minio_and_its_init_job_holds_minios_root_login():
+    root = secrets.ENV_NAMES["minio_root_password"]
+    holders = {name for name, service in COMPOSE["services"].items() if root in yaml.safe_dump(service.get("environment", {}))}
+    assert holders == {"minio", "minio-buckets"}
+    assert COMPOSE["services"]["minio"]["environment"]["MINIO_ROOT_USER"] not in yaml.safe_dump(COMPOSE["x-insect-env"])
+    init = (REPO_ROOT / "infra" / "minio" / "init.sh").read_text()
+    # the services' keys belong to a user the policy limits to the two buckets
+    assert """ "$AWS_SECRET_ACCESS_KEY" | mc admin user add local "$AWS_ACCESS_KEY_ID"\n""" in init  # the secret on stdin
+    policy = json.loads((REPO_ROOT / "infra" / "minio" / "insect-buckets.json").read_text())
+    resources = {r for statement in policy["Statement"] for r in statement["Resource"]}
+    assert resources == {f"arn:aws:s3:::{bucket}{suffix}" for bucket in ("mlflow", "feedback") for suffix in ("", "/*")}
 
 
 def test_kubernetes_serves_on_the_configured_ports_with_the_helm_chart_on_kubernetes_executor():
@@ -232,3 +247,15 @@ def test_compose_and_kubernetes_configure_mlflows_logins_as_make_up_does():
     committed.read(REPO_ROOT / "infra" / "mlflow" / "basic_auth.ini")
     generated.read_string(auth_config("sqlite:////var/lib/mlflow-auth/basic_auth.db"))
     assert dict(committed["mlflow"]) == dict(generated["mlflow"])
+
+
+def test_no_command_line_in_compose_or_kubernetes_holds_a_secret():
+    """Compose's `${VAR}` and Kubernetes' `$(VAR)` in a command put the value in the process's
+    argv (which `ps` shows); a shell's own `$$VAR`, read from the environment inside, does not."""
+    names = set(secrets.ENV_NAMES.values())
+    compose = [yaml.safe_dump(s[k]) for s in COMPOSE["services"].values() for k in ("command", "entrypoint") if k in s]
+    containers = [c for doc in WORKLOADS for c in doc["spec"]["template"]["spec"]["containers"]]  # Redis's too
+    kubernetes = [yaml.safe_dump(c[k]) for c in containers for k in ("command", "args") if k in c]
+    interpolated = {v for text in compose for v in re.findall(r"(?<!\$)\$\{(\w+)", text)}
+    interpolated |= {v for text in kubernetes for v in re.findall(r"\$\((\w+)\)", text)}
+    assert compose and kubernetes and not interpolated & names, interpolated & names

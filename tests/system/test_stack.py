@@ -367,6 +367,7 @@ def see_the_uis(browser, stack: Stack, model_name: str) -> None:
         finally:  # what the page showed, found or not
             browser.save_screenshot(str(ARTIFACTS / screenshot))
 
+    assert httpx.get(f"{stack.url('airflow')}/api/v2/dags", timeout=30).status_code == 401  # no token, no answer
     browser.get(stack.url("airflow"))
     shows("//input[@name='username']", "airflow-login.png")
     browser.find_element(By.NAME, "username").send_keys("admin")
