@@ -286,7 +286,7 @@ def tuned_libraries(check: Check) -> str:
     trials = 0 if check.dry_run else check.tuning_trials // len(check.batches)
     tuning_dir, libraries, kernels = check.work / "tuning-cuda", {}, set()
     for batch in check.batches:
-        mod = to_relax(export(model, batch))
+        mod = to_relax(export(model, batch), unbroadcast_matmuls=True)
         with target:
             tasks = ms.relax_integration.extract_tasks(relax.get_pipeline("zero")(mod), target)
         kernels |= {structural_hash(task.dispatched[0]) for task in tasks}
