@@ -288,9 +288,9 @@ def tuned_libraries(check: Check) -> str:
     for batch in check.batches:
         mod = to_relax(export(model, batch), unbroadcast_matmuls=True)
         with target:
-            tasks = ms.relax_integration.extract_tasks(relax.get_pipeline("zero")(mod), target)
-        kernels |= {structural_hash(task.dispatched[0]) for task in tasks}
-        database = tune(relax.get_pipeline("zero")(mod), target, trials, tuning_dir, workers=os.cpu_count(), shipped=False)
+            fused = relax.get_pipeline("zero")(mod)
+        kernels |= {structural_hash(task.dispatched[0]) for task in ms.relax_integration.extract_tasks(fused, target)}
+        database = tune(fused, target, trials, tuning_dir, workers=os.cpu_count(), shipped=False)
         executable = build_cuda(mod, target, database)
         cuda_kernel_source(executable.mod)
         libraries[batch] = check.work / "compile" / f"model_cuda_{check.arch}_tuned_b{batch}.so"

@@ -50,8 +50,9 @@ def pretrain_coca(settings: Settings, dataset_dir: Path, checkpoint_dir: Path, r
     val_set = IP102Dataset(dataset_dir, "val", augment)
     val_loader = DataLoader(val_set, batch_size=settings.train.batch_size, collate_fn=collate)
 
+    where = placement(settings.train)
+
     def score_fn(module) -> float:  # negative validation loss
-        where = placement(settings.train)
         with torch.inference_mode():
             return -float(np.mean([sum(coca_loss(**module(*placed(batch, *where)))).item() for batch in val_loader]))
 
