@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Annotated
 
 import httpx
+import psutil
 import typer
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -48,6 +49,11 @@ CONFIGS = {
         "INSECT_SERVE__BACKEND": "tvm",
         "INSECT_SERVE__WORKERS": "2",
         "INSECT_SERVE__RATE_LIMIT_STORE": "redis",
+    },
+    # the model's threads on every core, none left to the request path (the default before)
+    "tvm, batching, model on every core": {
+        "INSECT_SERVE__BACKEND": "tvm",
+        "INSECT_SERVE__MODEL_THREADS": str(psutil.cpu_count(logical=False) or 1),
     },
     "eager, batching": {"INSECT_SERVE__BACKEND": "eager"},
     "eager, no batching": {"INSECT_SERVE__BACKEND": "eager", "INSECT_SERVE__MAX_BATCH_SIZE": "1"},

@@ -144,14 +144,15 @@ def timed(route: str, phase: str) -> Iterator[None]:
         PHASES.labels(route=route, phase=phase).observe(time.perf_counter() - started)
 
 
-def share_cores(workers: int) -> None:
-    """Give each worker process its share of the physical cores for the model's threads (TVM's
-    pool, torch's intra-op threads): two workers each using every core would fight over them."""
+def share_cores() -> None:
+    """Give this worker's model (TVM's pool, torch's intra-op threads) its share of the physical
+    cores, less one for the request path (`serve.model_threads`): threads fighting over the same
+    cores stall the model at every kernel's barrier."""
     import torch
 
-    cores = max(1, (psutil.cpu_count(logical=False) or 1) // workers)
-    os.environ.setdefault("TVM_NUM_THREADS", str(cores))  # read when TVM's pool starts, at the first run
-    torch.set_num_threads(cores)
+    threads = settings.serve.threads_per_model(psutil.cpu_count(logical=False) or 1)
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))  # read when TVM's pool starts, at the first run
+    torch.set_num_threads(threads)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -175,7 +176,7 @@ web_app = web.build_app()
 class InsectClassifier:
     def __init__(self) -> None:
         configure(settings)
-        share_cores(settings.serve.workers)
+        share_cores()
         self.name = settings.registered_model_name
         self.served: ServedModel | None = None
         self.db = db.engine(settings)

@@ -169,6 +169,15 @@ class ServeConfig(Section):
     storage_threads: int = 4  # database and S3 calls run on these, never on classification's threads
     # after a storage failure, predictions are answered without being stored for this long
     storage_retry_s: float = 5.0
+    # threads each worker's model runs on (TVM's pool, torch's intra-op threads); unset: its share
+    # of the physical cores less one, left to the request path (HTTP, decoding, storage). A pool on
+    # every core waits at each kernel's barrier for a thread a request has just taken the core
+    # from. On 2 cores at 64 users (benchmarks/LOAD.md): 198 req/s against 144, a batch's model
+    # run 116 ms against 222; at 1 user 11% slower.
+    model_threads: int | None = Field(None, ge=1)
+
+    def threads_per_model(self, physical_cores: int) -> int:
+        return self.model_threads or max(1, physical_cores // self.workers - 1)
 
     @model_validator(mode="after")
     def _limits_shared_by_workers(self) -> ServeConfig:

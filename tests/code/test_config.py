@@ -5,7 +5,7 @@ import stat
 import pytest
 from pydantic import ValidationError
 
-from config import REPO_ROOT, Settings
+from config import REPO_ROOT, ServeConfig, Settings
 from config.airflow import airflow_environment
 from config.private import write_private
 
@@ -41,3 +41,12 @@ def test_a_misspelt_section_variable_is_an_error_not_silence(monkeypatch):
     monkeypatch.setenv("INSECT_TRAIN__EPOCHS", "3")  # no such field
     with pytest.raises(ValidationError, match=r"train\.epochs"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers", "configured", "threads"),
+    [(2, 1, None, 1), (16, 1, None, 15), (16, 2, None, 7), (2, 2, None, 1), (1, 1, None, 1), (16, 1, 4, 4)],
+)
+def test_the_model_leaves_a_core_to_the_request_path_unless_told_otherwise(cores, workers, configured, threads):
+    serve = ServeConfig(workers=workers, model_threads=configured, rate_limit_store="redis://127.0.0.1:6380/1")
+    assert serve.threads_per_model(cores) == threads
