@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,12 +34,13 @@ class Batched:
 
 class Batcher:
     """`await batcher(image)` -> that image's `Batched`; `run(batch)` -> (logits, result) is
-    called in a thread, one batch at a time."""
+    called on a thread of its own, one batch at a time."""
 
     def __init__(self, run: Callable[[np.ndarray], tuple[np.ndarray, object]], max_batch_size: int):
         self.run, self.max_batch_size = run, max_batch_size
         self._waiting: list[tuple[np.ndarray, float, asyncio.Future]] = []
         self._drainer: asyncio.Task | None = None
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
 
     async def __call__(self, image: np.ndarray) -> Batched:
         future = asyncio.get_running_loop().create_future()
@@ -56,7 +58,9 @@ class Batcher:
     async def _run_batch(self, batch: list[tuple[np.ndarray, float, asyncio.Future]]) -> None:
         started = time.perf_counter()
         try:
-            logits, result = await asyncio.to_thread(self.run, np.stack([image for image, _, _ in batch]))
+            logits, result = await asyncio.get_running_loop().run_in_executor(
+                self._model_thread, self.run, np.stack([image for image, _, _ in batch])
+            )
         except Exception as error:  # every request of the batch gets the error; the batcher goes on
             for _, _, future in batch:
                 if not future.done():

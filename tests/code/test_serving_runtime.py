@@ -1,0 +1,94 @@
+"""The service's process under load: its request timers, its heap, its model thread."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+from bentos.batching import Batcher
+from bentos.request_timeout import disarm_answered_timers
+
+
+async def _answer(scope, receive, send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def _hang(scope, receive, send) -> None:
+    await asyncio.sleep(10)
+
+
+async def _call(app, timeout: float) -> list[dict]:
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    await TimeoutMiddleware(app, timeout=timeout)({"type": "http"}, None, send)
+    return sent
+
+
+def _armed_timers() -> list[asyncio.TimerHandle]:
+    return [o for o in gc.get_objects() if isinstance(o, asyncio.TimerHandle) and not o.cancelled()]
+
+
+def test_an_answered_request_leaves_no_timer_armed_and_a_slow_one_still_times_out():
+    disarm_answered_timers()
+
+    async def scenario():
+        armed_before = len(_armed_timers())
+        answers = [await _call(_answer, timeout=60) for _ in range(50)]
+        assert len(_armed_timers()) == armed_before  # BentoML's own middleware leaves 50, alive for 60 s
+        timed_out = await _call(_hang, timeout=0.05)
+        return answers, timed_out
+
+    answers, timed_out = asyncio.run(scenario())
+    assert all(answer[0]["status"] == 200 for answer in answers)
+    assert timed_out[0]["status"] == 504
+
+
+def test_settling_the_heap_freezes_what_lives_and_collects_what_does_not():
+    from bentos.service import settle_heap
+
+    class Node:
+        pass
+
+    garbage, kept = Node(), Node()
+    garbage.cycle = garbage  # freed only by the collector
+    gone = weakref.ref(garbage)
+    del garbage
+    try:
+        settle_heap()
+        assert gone() is None
+        assert gc.get_freeze_count() > 0
+        assert not any(o is kept for o in gc.get_objects())  # frozen: out of every collection's walk
+    finally:
+        gc.unfreeze()
+
+
+def test_a_batch_runs_while_every_shared_worker_thread_is_busy():
+    """The model has a thread of its own: decoding and other `to_thread` work that fills the
+    event loop's default executor must not hold a batch back."""
+    release = threading.Event()
+    batcher = Batcher(lambda images: (images.sum(axis=(1, 2, 3))[:, None], "v1"), max_batch_size=8)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(1))
+        busy = loop.run_in_executor(None, release.wait, 10)
+        try:
+            scored = await asyncio.wait_for(batcher(np.ones((3, 2, 2), np.float32)), timeout=2)
+        finally:
+            release.set()
+            await busy
+        return scored
+
+    scored = asyncio.run(scenario())
+    assert scored.logits.tolist() == [12.0]
+    assert scored.result == "v1"
