@@ -86,7 +86,7 @@ def _jpeg(dataset: Path, index: int = 0) -> bytes:
 
 
 def _feedback_rows(where) -> int:
-    engine = sa.create_engine(get_settings().feedback.database_url)
+    engine = db.engine(get_settings())
     with engine.connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(feedback_table).where(where)).scalar_one()
 
@@ -301,7 +301,7 @@ def test_a_storage_outage_is_a_503_and_predictions_skip_storage_for_a_while():
 
 def _stored() -> tuple[int, ...]:
     """Feedback rows, prediction rows and stored images: a refused request adds to none."""
-    engine = sa.create_engine(get_settings().feedback.database_url)
+    engine = db.engine(get_settings())
     with engine.connect() as conn:
         rows = [conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() for t in (feedback_table, db.predictions)]
     s3 = boto3.client("s3", endpoint_url=get_settings().feedback.s3_endpoint_url)
@@ -559,7 +559,7 @@ def test_a_client_signs_in_identifies_a_photo_and_suggests_the_right_species(ser
     assert "unknown or revoked" in _shown(browser, By.CLASS_NAME, "error").text
     _screenshots(browser, "sign-in")
 
-    with sa.create_engine(get_settings().feedback.database_url).begin() as conn:
+    with db.engine(get_settings()).begin() as conn:
         conn.execute(feedback_table.delete())  # the review queue then holds only this test's suggestion
     _sign_in(browser, server, "client")
     photo = tmp_path / "bug.jpg"
