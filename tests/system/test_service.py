@@ -539,6 +539,14 @@ def _shown(browser, by: str, value: str):
     return WebDriverWait(browser, 30).until(shown.presence_of_element_located((by, value)))
 
 
+def _replaced(browser, element) -> None:
+    """Once a click's navigation has replaced the page that had `element`."""
+    from selenium.webdriver.support import expected_conditions as shown
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(shown.staleness_of(element))
+
+
 def _sign_in(browser, server, role: str) -> None:
     from selenium.webdriver.common.by import By
 
@@ -593,8 +601,9 @@ def test_a_client_signs_in_identifies_a_photo_and_suggests_the_right_species(ser
     assert len(browser.find_elements(By.CSS_SELECTOR, ".scores li")) == len(server["classes"])  # the model's top 5 (of 4)
     assert browser.execute_script("return document.querySelector('img.photo').naturalWidth") > 0  # the image shows
     _screenshots(browser, "review")
-    browser.find_element(By.ID, "confirm").click()
-    _shown(browser, By.CLASS_NAME, "progress")
+    confirm = browser.find_element(By.ID, "confirm")
+    confirm.click()
+    _replaced(browser, confirm)  # the next item's page: the confirmation is stored (both pages show progress)
     labels = [row for row in db.pending_feedback(db.engine(get_settings())) if row.submitted_by == f"labeler-{server['suffix']}"]
     assert any(row.corrected_label == right and row.prediction_id for row in labels)  # the ingest takes it: it trains
 
