@@ -170,10 +170,10 @@ class ServeConfig(Section):
     # after a storage failure, predictions are answered without being stored for this long
     storage_retry_s: float = 5.0
     # threads each worker's model runs on (TVM's pool, torch's intra-op threads); unset: its share
-    # of the physical cores less one, left to the request path (HTTP, decoding, storage). A pool on
-    # every core waits at each kernel's barrier for a thread a request has just taken the core
-    # from. On 2 cores at 64 users (benchmarks/LOAD.md): 198 req/s against 144, a batch's model
-    # run 116 ms against 222; at 1 user 11% slower.
+    # of the physical cores less one, left to the request path (HTTP, decoding, storage). On 2
+    # cores that kept the p99 at 64 users lower in both runs of benchmarks/LOAD.md (790 and 460
+    # ms, against 1,100 and 850 with the model on every core); the throughput at 16 users went
+    # either way (184 against 169 req/s, then 172 against 211), and one user alone is 11-17% slower.
     model_threads: int | None = Field(None, ge=1)
 
     def threads_per_model(self, physical_cores: int) -> int:
