@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 
 from config import REPO_ROOT, get_settings
+from config.ports import free_port
 from feedback import db
 from feedback.images import image_key, image_store
 from ml.compile import export
@@ -74,12 +74,6 @@ def redis_server(directory: Path) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def register_tiny_model(classes: list[str], seed: int, champion: bool = True) -> str:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from config import TrainConfig
+from config.ports import free_port
 from ml.tracking import NO_RUN, RunLog
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -36,7 +37,7 @@ def single_process_rank():
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(29500 + os.getpid() % 1000),
+        "MASTER_PORT": str(free_port()),
     }
     added = {key: value for key, value in defaults.items() if key not in os.environ}
     os.environ.update(added)

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from ml.runtime import eager_predict_fn
 from ml.tracking import RunLog
 from ml.train import train, warm_classifier
 from ml.train.classifier import TrainImages, finetune_classifier, sampling_weights
-from ml.train.engine import WeightedShardSampler
+from ml.train.engine import WeightedShardSampler, single_process_rank
 from tests.support import free_port
 
 GPU_ZERO2 = REPO_ROOT / "ml" / "train" / "ds_config_zero2_gpu.json"
@@ -235,3 +236,13 @@ def test_a_training_killed_in_its_third_epoch_resumes_there_and_ends_as_an_unint
     assert results[0]["val_top1"] == results[1]["val_top1"] and results[0]["epochs_run"] == results[1]["epochs_run"] == 5
     weights = [load_classifier(tmp_path / name / "classifier.pt").state_dict() for name in ("killed", "whole")]
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def test_a_single_process_training_takes_a_free_rendezvous_port_not_one_derived_from_its_pid():
+    """The port was 29500 + pid % 1000: a retried task failed with EADDRINUSE when that port was
+    held (in CI, by another process whose pid agreed modulo 1000)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 29500 + os.getpid() % 1000))
+        held.listen()
+        with single_process_rank(), socket.socket() as store:
+            store.bind(("127.0.0.1", int(os.environ["MASTER_PORT"])))
