@@ -12,7 +12,7 @@ from PIL import Image
 from config import REPO_ROOT, SyntheticDataConfig
 from ml.data import SPLITS, IP102Dataset, all_captions, dataset_digest, manifest, read_classes, read_split
 from ml.data.ip102 import FIELD_SPLIT
-from ml.data.synthetic import MARKER, class_sizes, generate_synthetic, species_plan, user_photos
+from ml.data.synthetic import MARKER, canvas_size, class_sizes, generate_synthetic, species_plan, user_photos
 from ml.data.versions import Sample, build_version, in_field_holdout
 from ml.evaluate import evaluation_slices
 from tests.support import TINY_ENV
@@ -42,6 +42,12 @@ def test_a_long_tail_dataset_falls_off_by_the_ratio_and_keeps_every_class_in_eve
 def test_the_lab_test_split_holds_enough_of_each_species_to_measure(tmp_path):
     dataset = generate_synthetic(tmp_path / "ds", SyntheticDataConfig(num_classes=3, images_per_class=10, image_size=16))
     assert [len(read_split(dataset, split)) for split in SPLITS] == [3 * 6, 3 * 2, 3 * 40]
+
+
+def test_small_images_are_drawn_three_times_as_large_and_large_ones_at_their_own_size():
+    """The demo's and tests' images keep their antialiasing; a 512-px dataset (the GPU check's)
+    is drawn at 512 px, not 1,536, which took ten times as long."""
+    assert [canvas_size(size) for size in (64, 128, 256, 512)] == [192, 384, 256, 512]
 
 
 def test_classes_are_visually_distinct_but_images_vary(tiny_dataset):
