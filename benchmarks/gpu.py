@@ -87,7 +87,7 @@ class Check:
     outcomes: list[Outcome] = field(default_factory=list)
 
     def run(self, step: Callable[[Check], str | None]) -> None:
-        name, started = step.__name__.replace("_", " "), time.perf_counter()
+        name, started = step_name(step), time.perf_counter()
         try:
             status, note = "ran", step(self) or ""
         except Skipped as why:
@@ -111,6 +111,11 @@ class Check:
     @property
     def failed(self) -> bool:
         return any(outcome.status == "failed" for outcome in self.outcomes)
+
+
+def step_name(step: Callable[[Check], str | None]) -> str:
+    """How the log and the report name a step."""
+    return step.__name__.replace("_", " ")
 
 
 def package_version(name: str) -> str:

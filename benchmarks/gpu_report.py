@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from benchmarks.gpu import RUNTIMES, STEPS, Check
+from benchmarks.gpu import RUNTIMES, STEPS, Check, step_name
 
 NOT_RUN = "not run yet"
 STAGES = {"coca": "CoCa pretraining", "classifier": "classifier fine-tune"}
@@ -59,11 +59,7 @@ def _steps(check: Check) -> list[str]:
     rows = [f"| {o.step} | {o.status} | {o.seconds:.1f} | {o.note.replace('|', '/')} |" for o in check.outcomes]
     done = {o.step for o in check.outcomes}
     # the report is rewritten after each step: in a run cut short, these rows stay
-    rows += [
-        f"| {name} | not reached | | the run ended before this step |"
-        for name in (step.__name__.replace("_", " ") for step in STEPS)
-        if name not in done
-    ]
+    rows += [f"| {name} | not reached | | the run ended before this step |" for name in map(step_name, STEPS) if name not in done]
     total = sum(o.seconds for o in check.outcomes)
     return [
         "## Steps",
