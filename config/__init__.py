@@ -175,6 +175,10 @@ class ServeConfig(Section):
     # ms, against 1,100 and 850 with the model on every core); the throughput at 16 users went
     # either way (184 against 169 req/s, then 172 against 211), and one user alone is 11-17% slower.
     model_threads: int | None = Field(None, ge=1)
+    # how long a thread may hold the interpreter lock while another waits (Python's default: 5 ms).
+    # Every return from the model, the database or a decoding thread waits for the lock: beside a
+    # busy event loop a batch of 4 took 28 ms at 5 ms, 8 at 1 ms (3.6 ms alone)
+    gil_switch_interval_ms: float = Field(1.0, gt=0)
 
     def threads_per_model(self, physical_cores: int) -> int:
         return self.model_threads or max(1, physical_cores // self.workers - 1)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
+import sys
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from bentoml._internal.server.http.traffic import TimeoutMiddleware
+from PIL import Image
 
 from bentos.batching import Batcher
 from bentos.request_timeout import disarm_answered_timers
@@ -92,3 +97,48 @@ def test_a_batch_runs_while_every_shared_worker_thread_is_busy():
     scored = asyncio.run(scenario())
     assert scored.logits.tolist() == [12.0]
     assert scored.result == "v1"
+
+
+def _jpeg(side: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 140, 60)).save(out, "JPEG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("side", "hops"), [(64, 0), (256, 0), (257, 1), (1024, 1)])
+def test_small_photos_are_decoded_on_the_event_loop_and_larger_ones_on_a_thread(monkeypatch, side, hops):
+    """A thread hop costs more than decoding a small photo under load; a large one would stall
+    every request the event loop serves."""
+    from bentos import service
+
+    threaded = []
+    to_thread = asyncio.to_thread
+
+    async def counting_to_thread(fn, *args, **kwargs):
+        threaded.append(fn)
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(service.asyncio, "to_thread", counting_to_thread)
+    model = SimpleNamespace(image_size=32, classes=["aphid", "weevil"])
+    served = SimpleNamespace(model=model)
+    classifier = SimpleNamespace(
+        _model=lambda: served,
+        _pixels=service.InsectClassifier.inner._pixels,
+        batcher=Batcher(lambda images: (np.tile([0.0, 1.0], (len(images), 1)), served), max_batch_size=8),
+    )
+    _, decoded, _, top = asyncio.run(service.InsectClassifier.inner.rank_species(classifier, _jpeg(side), 1))
+    assert len(threaded) == hops
+    assert decoded.size == (side, side)
+    assert [score.species for score in top] == ["weevil"]
+
+
+def test_threads_get_the_interpreter_lock_back_within_the_configured_interval(monkeypatch):
+    from bentos import service
+
+    monkeypatch.setattr(service.settings.serve, "gil_switch_interval_ms", 0.5)
+    default = sys.getswitchinterval()
+    try:
+        service.shorten_lock_turns()
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(default)
