@@ -305,7 +305,9 @@ class InsectClassifier:
     async def rank_species(self, image: Path | bytes, top_k: int) -> tuple[bytes, Image.Image, ServedModel, list[SpeciesScore]]:
         """An upload's bytes, its decoded image, the version that classified it and its `top_k`
         species, most likely first; nothing is stored."""
-        data, opened = open_image(image, settings.feedback.max_image_bytes)  # the header only: microseconds
+        # the upload's bytes and header, no pixels yet: microseconds for a phone photo (BentoML
+        # wrote the file on this loop already)
+        data, opened = open_image(image, settings.feedback.max_image_bytes)
         to_pixels = partial(self._pixels, opened, self._model().model.image_size)
         decoded, pixels = to_pixels() if decodes_inline(opened) else await asyncio.to_thread(to_pixels)
         scored: Batched = await self.batcher(pixels)
