@@ -52,15 +52,12 @@ class TrainConfig(Section):
     """Both training stages: CoCa pretraining on captions, then the species classifier."""
 
     deepspeed_config: Path = REPO_ROOT / "ml" / "train" / "ds_config.json"
-    # Half the training draws look like field photos (ml/data/transforms.py), so the first model
-    # trains 3x longer: 4 + 12 epochs unaugmented gave lab 0.80-0.83 / field 0.25 (two seeds,
-    # unpruned), 12 + 30 augmented 0.84-0.85 / 0.42 (README, "Learning from the field").
-    pretrain_epochs: int = 12
-    finetune_epochs: int = 30
+    pretrain_epochs: int = 4
+    finetune_epochs: int = 12
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.05
-    patience: int = 30  # epochs without val improvement before early stopping (30: all run, the best is kept)
+    patience: int = 3  # epochs without val improvement before early stopping
     seed: int = 0
     max_steps_per_epoch: int | None = None  # cap for smoke tests
     # Processes decoding and augmenting the next batches while a step runs: a GPU waits on them
@@ -69,8 +66,8 @@ class TrainConfig(Section):
     # A retrain starts from the champion's trained weights (skipping CoCa pretraining) when the
     # champion knows the same species, and fine-tunes for `warm_start_epochs` (all of them), the
     # champion distilling into it on the base images. On the learning benchmark's 200-photo version
-    # (unpruned, fresh photos, before the field-like augmentation): 12 epochs reach lab 0.83 / field
-    # 0.52, 24 reach 0.85 / 0.60, 36 reach 0.86 / 0.61 at 1.5x the time of 24.
+    # (unpruned, fresh photos): 12 epochs reach lab 0.83 / field 0.52, 24 reach 0.85 / 0.60, 36
+    # reach 0.86 / 0.61 at 1.5x the time of 24.
     warm_start: bool = True
     warm_start_epochs: int = 24
     # How often a feedback image is drawn per epoch relative to a base image: users' photos are few
@@ -90,7 +87,7 @@ class PruneConfig(Section):
     mlp_ratio: float = 0.5  # fraction of each ViT block's MLP hidden channels removed
     head_ratio: float = 0.33  # fraction of each block's attention heads removed, rounded up (3 heads: one)
     importance: Literal["magnitude", "taylor"] = "magnitude"  # L2 norm of weights, or |weight x gradient|
-    finetune_epochs: int = 8  # recovery fine-tune, distilled from the unpruned model (best val epoch kept)
+    finetune_epochs: int = 8  # recovery fine-tune, distilled from the unpruned model (early-stopped)
     max_top1_drop: float = 0.05  # the step fails when pruning costs more val top-1 than this
 
 

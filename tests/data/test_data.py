@@ -7,14 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from config import REPO_ROOT, SyntheticDataConfig
 from ml.data import SPLITS, IP102Dataset, all_captions, dataset_digest, manifest, read_classes, read_split
 from ml.data.ip102 import FIELD_SPLIT
 from ml.data.synthetic import MARKER, canvas_size, class_sizes, generate_synthetic, species_plan, user_photos
-from ml.data.transforms import train_transform
 from ml.data.versions import Sample, build_version, in_field_holdout
 from ml.evaluate import evaluation_slices
 from tests.support import TINY_ENV
@@ -148,22 +146,6 @@ def test_field_photos_differ_from_the_lab_where_users_differ_smaller_dimmer_on_t
     )
     assert np.mean(greenness[1]) < np.mean(greenness[0])  # soil and sand, not leaves
     assert [label for _, label in user_photos(4, 8, 64, seed=1)] == [0, 1, 2, 3, 0, 1, 2, 3]
-
-
-def test_half_the_training_draws_look_like_field_photos_zoomed_out_and_in_other_light():
-    """A white disk (the insect) on black: a lab-like draw keeps it at least as large and as bright,
-    a field-like one shows it smaller (zoomed out over a mirrored border) or dimmer."""
-    yy, xx = np.mgrid[:64, :64]
-    disk = Image.fromarray(np.repeat(((yy - 32) ** 2 + (xx - 32) ** 2 <= 8**2)[..., None] * 255, 3, 2).astype(np.uint8))
-    area = np.mean(np.asarray(disk)[..., 0] > 127)
-    torch.manual_seed(0)
-    augment = train_transform(64)
-    draws = [augment(disk) for _ in range(400)]
-    assert all(d.shape == (3, 64, 64) and d.min() >= 0 and d.max() <= 1 for d in draws)
-    smaller = np.mean([(d.amax(0) > d.max() / 2).float().mean().item() < 0.7 * area for d in draws])
-    dimmer = np.mean([d.max().item() < 0.85 for d in draws])
-    # measured 0.32-0.36 and 0.13-0.17 over three seeds; lab-like draws alone: 0 and 0.01
-    assert 0.15 < smaller < 0.5 and 0.05 < dimmer < 0.5
 
 
 def _samples(count: int, label: str) -> list[Sample]:
