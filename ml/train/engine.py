@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from config import TrainConfig
@@ -68,38 +68,62 @@ def mean_over_ranks(value: float) -> float:
     return total.item() / dist.get_world_size()
 
 
-class WeightedShardSampler(Sampler[int]):
-    """DistributedSampler's contract with images drawn in proportion to `weights` (with
-    replacement, as many as the dataset holds per epoch): every rank draws the same seeded
-    sequence for an epoch and takes every `num_replicas`-th index of it."""
+Draw = tuple[int, int]  # an image's index in the dataset, and the seed its augmentation is drawn with
 
-    def __init__(self, weights: torch.Tensor, num_replicas: int, rank: int, seed: int):
-        self.weights, self.num_replicas, self.rank, self.seed, self.epoch = weights, num_replicas, rank, seed, 0
-        self.num_samples = len(weights) // num_replicas
+
+class EpochDraws(Sampler[Draw]):
+    """DistributedSampler's contract, with a seed per draw: every rank computes the same seeded
+    draws for an epoch (a permutation, or with `weights` images in proportion to them, with
+    replacement) and takes every `num_replicas`-th. Each draw carries the seed `SeededDraws`
+    augments it with, so the images a step sees do not depend on how many ranks share it."""
+
+    def __init__(self, size: int, num_replicas: int, rank: int, seed: int, weights: torch.Tensor | None = None):
+        self.size, self.weights, self.num_replicas, self.rank, self.seed, self.epoch = size, weights, num_replicas, rank, seed, 0
+        self.num_samples = size // num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        drawn = torch.multinomial(self.weights, self.num_samples * self.num_replicas, replacement=True, generator=generator)
-        return iter(drawn[self.rank :: self.num_replicas].tolist())
+        count = self.num_samples * self.num_replicas
+        if self.weights is None:
+            images = torch.randperm(self.size, generator=generator)[:count]
+        else:
+            images = torch.multinomial(self.weights, count, replacement=True, generator=generator)
+        seeds = torch.randint(2**62, (count,), generator=generator)
+        return iter(list(zip(images.tolist(), seeds.tolist(), strict=True))[self.rank :: self.num_replicas])
 
     def __len__(self) -> int:
         return self.num_samples
 
 
+class SeededDraws(Dataset):
+    """`dataset[index]` for a draw, with torch's generator seeded by the draw while the item is
+    made: its random transforms depend on the draw alone, not on the process or its history."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, draw: Draw):
+        index, seed = draw
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 def shard_loader(dataset: Dataset, cfg: TrainConfig, weights: torch.Tensor | None = None, **kwargs) -> DataLoader:
-    """Shuffled batches of this rank's shard, batch_size / world_size each. At any world size the
-    ranks' batches together hold the images one process would batch at that step: the sampler
-    deals out one seeded permutation (or weighted draw, given `weights`) round-robin."""
+    """Batches of this rank's shard, batch_size / world_size each. At any world size the ranks'
+    batches together hold the images, augmented alike, that one process would batch at that step."""
     world = world_size()
-    if weights is None:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank(), seed=cfg.seed, drop_last=True)
-    else:
-        sampler = WeightedShardSampler(weights, num_replicas=world, rank=rank(), seed=cfg.seed)
+    sampler = EpochDraws(len(dataset), num_replicas=world, rank=rank(), seed=cfg.seed, weights=weights)
     batch = max(1, cfg.batch_size // world)
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.loader_workers, **kwargs)
+    return DataLoader(
+        SeededDraws(dataset), batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.loader_workers, **kwargs
+    )
 
 
 def seed_everything(seed: int) -> None:
