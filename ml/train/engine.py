@@ -99,8 +99,9 @@ class EpochDraws(Sampler[Draw]):
 
 
 class SeededDraws(Dataset):
-    """`dataset[index]` for a draw, with torch's generator seeded by the draw while the item is
-    made: its random transforms depend on the draw alone, not on the process or its history."""
+    """`dataset[index]` for a draw, with torch's and Python's generators seeded by the draw while
+    the item is made (torchvision's transforms use both: RandomChoice draws with Python's): its
+    random transforms depend on the draw alone, not on the process or its history."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -110,9 +111,14 @@ class SeededDraws(Dataset):
 
     def __getitem__(self, draw: Draw):
         index, seed = draw
+        python_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.dataset[index]
+            random.seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
 
 
 def shard_loader(dataset: Dataset, cfg: TrainConfig, weights: torch.Tensor | None = None, **kwargs) -> DataLoader:

@@ -13,6 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from torchvision import transforms as T
 
 from config import REPO_ROOT, SyntheticDataConfig
 from ml.data import IP102Dataset, read_classes, read_split, train_transform
@@ -163,6 +164,9 @@ def test_a_draw_is_augmented_by_its_seed_whatever_the_process_drew_before(settin
     again, same_label = images[(0, 7)]
     assert torch.equal(again, image) and same_label == label
     assert not torch.equal(images[(0, 8)][0], image)
+    choices = SeededDraws(IP102Dataset(settings.base_dataset_dir, "train", T.RandomChoice([T.ToTensor(), T.PILToTensor()])))
+    chosen = choices[(0, 7)][0].dtype  # float or uint8, picked with Python's generator
+    assert all(choices[(0, 7)][0].dtype == chosen for _ in range(20))  # the same pick every time
 
 
 class CountingTeacher(torch.nn.Module):
