@@ -87,10 +87,13 @@ def run_locust(base: str, users: int, seconds: int, profile: str, env: dict[str,
     }
 
 
-def phase_totals(base: str) -> dict[str, tuple[float, float]]:
-    """(sum of seconds, count) per /predict phase so far, from the service's /metrics."""
+def phase_totals(base: str, admin: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """(sum of seconds, count) per /predict phase so far, from the service's /metrics (an admin's:
+    `admin` holds the headers of an admin key)."""
     totals = {}
-    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=10).text):
+    metrics = httpx.get(f"{base}/metrics", headers=admin, timeout=10)
+    metrics.raise_for_status()
+    for family in text_string_to_metric_families(metrics.text):
         if family.name != "insect_request_phase_seconds":
             continue
         for sample in family.samples:
@@ -114,7 +117,8 @@ def mean_phases_ms(before: dict, after: dict) -> dict[str, float]:
 def measure(settings: Settings, configs: list[str], users: list[int], seconds: int, out: Path) -> list[dict]:
     engine = db.engine(settings)
     key_name = f"loadtest-{uuid.uuid4().hex[:8]}"
-    key_file = keys.key_in_file(engine, out / "key", name=key_name, role="labeler")
+    key_file = keys.key_in_file(engine, out / "key", name=key_name, role="admin")  # /metrics is an admin's
+    admin = {"Authorization": f"Bearer {key_file.read_text().strip()}"}
     photos = out / "photos"
     photos.mkdir()
     dataset = settings.base_dataset_dir
@@ -136,9 +140,9 @@ def measure(settings: Settings, configs: list[str], users: list[int], seconds: i
                 run_locust(bento.base, 4, 3, "predict", locust_env, out)  # warm-up: first calls, caches, pools
                 profiles = [("predict", n) for n in users] + ([("mixed", n) for n in users] if config == configs[0] else [])
                 for profile, n in profiles:
-                    before = phase_totals(bento.base)
+                    before = phase_totals(bento.base, admin)
                     result = run_locust(bento.base, n, seconds, profile, locust_env, out)
-                    result |= {"config": config, "phases_ms": mean_phases_ms(before, phase_totals(bento.base))}
+                    result |= {"config": config, "phases_ms": mean_phases_ms(before, phase_totals(bento.base, admin))}
                     print(
                         f"{config:20} {profile:8} {n:3} users: {result['rps']:6.1f} req/s  p50 {result['p50_ms']:5.0f}  "
                         f"p99 {result['p99_ms']:5.0f} ms  errors {result['errors']}",

@@ -1,15 +1,19 @@
 """ASGI middleware in front of the service's routes: it refuses a request before BentoML parses
 it. Each refusal is a JSON `{"error": "..."}` with its 4xx status.
 
-- `ApiKeys`: every route but health, metrics and the API documentation needs an API key
-  (`Authorization: Bearer KEY` or `X-API-Key: KEY`) whose role may call it: 401 without a known
-  key, 403 for a role that may not, 429 with Retry-After over the key's rate limit (per role,
-  a sliding window), 404 for a route that is not public.
+- `ApiKeys`: every route but health, the API documentation and the web app's sign-in needs a
+  caller: an API key (`Authorization: Bearer KEY` or `X-API-Key: KEY`) on the API, a signed-in
+  session on the web app. 401 without a known key, 403 for a role that may not, 429 with
+  Retry-After over the key's rate limit (per role, a sliding window, the web app's requests
+  included), 404 for a route that is not public; /metrics is an admin's. A key that is not known
+  to be good costs its sender's address one try of a small budget before it is looked up; past
+  the budget, 429 without a lookup.
 - `Admission`: at most so many requests on the upload routes at once; one more gets 503 with
   Retry-After before its body is read. Every 503 the service answers carries Retry-After.
-- `UploadLimits`: 413 for a body over the limit, from Content-Length or while it streams in,
-  without reading the rest; 400 for a form that does not parse (BentoML answers 500) and for a
-  text value where a file belongs (BentoML would fetch it as a URL).
+- `BodyLimits`: every body has a limit of its route's (kilobytes unless the route takes an image):
+  413 from Content-Length or while it streams in, without reading the rest; 400 for a form or
+  JSON that does not parse (BentoML answers 500) and for a text value where a file belongs
+  (BentoML would fetch it as a URL).
 """
 
 from __future__ import annotations
@@ -20,33 +24,32 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from urllib.parse import parse_qs
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import parse_qs, quote
 
+from cachetools import LRUCache
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from feedback.keys import Caller
+from feedback.keys import Caller, key_digest
 
 logger = logging.getLogger("bentoml.insect")
 
-OPEN_PATHS = {
-    "/",
-    "/docs",
-    "/docs.json",
-    "/schema.json",
-    "/livez",
-    "/readyz",
-    "/healthz",
-    "/metrics",
-    "/app",
-}  # BentoML clients read /schema.json
-# the Swagger UI's files, storage health, the web app (which signs people in itself)
-OPEN_PREFIXES = ("/static_content/", "/health/", "/app/")
-MAX_CACHED_KEYS = 10_000
+OPEN_PATHS = {"/", "/docs", "/docs.json", "/schema.json", "/livez", "/readyz", "/healthz"}  # BentoML clients read /schema.json
+OPEN_PREFIXES = ("/static_content/", "/health/")  # the Swagger UI's files, storage health
+WEB_PREFIX = "/app"  # the web app: its callers are signed-in sessions
+WEB_OPEN = {"/app/sign-in"}  # ... but for its sign-in form and its files
+WEB_OPEN_PREFIXES = ("/app/static/",)
+ADMIN_ROUTES = {"/metrics"}
+MAX_CACHED_KEYS = 10_000  # each of the two caches (good keys, unknown keys)
+MAX_FILENAME = 255  # characters of an uploaded file's name, as a file system takes them
 RETRY_AFTER_S = "1"  # what a 503 tells a client to wait, in seconds
 STORE_TIMEOUT_S = 0.5  # a rate-limit store slower than this is treated as down
 KEY_CACHE_S = 5.0  # a revoked key is refused within this long; the database is asked once per key and period
+LOOKUP_TIMEOUT_S = 2.0  # a key database slower than this is treated as down
+KNOWN_KEY_WAIT_S = 0.25  # how long a good key's request waits for its check again before its last answer serves
 
 
 async def reply(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
@@ -69,8 +72,25 @@ def presented_key(scope) -> str | None:
     return header(scope, b"x-api-key")
 
 
+def client_address(scope) -> str:
+    """Who sent the request, as the server saw it (behind a proxy: uvicorn's --forwarded-allow-ips)."""
+    client = scope.get("client")
+    return client[0] if client else "unknown"
+
+
+def sign_in_redirect(scope) -> dict[str, str]:
+    """Where a request without a session is sent: the sign-in form, and back after it (a page
+    asked for by GET; a form sent without a session goes back to the app's front page)."""
+    back = scope["path"] if scope["method"] == "GET" else f"{WEB_PREFIX}/"
+    if scope["method"] == "GET" and scope.get("query_string"):
+        back += "?" + scope["query_string"].decode("latin-1")
+    return {"location": f"{WEB_PREFIX}/sign-in?next={quote(back, safe='/')}"}
+
+
 class ApiKeys:
-    """Who may call what: `route_roles` maps each public route to the least role it needs."""
+    """Who may call what: `route_roles` maps each public route to the least role it needs; every
+    web app page needs a client at least (the app checks finer roles itself). `session_digest`
+    reads a request's web session: the sha256 of the key it signed in with, or None."""
 
     def __init__(
         self,
@@ -79,70 +99,117 @@ class ApiKeys:
         authenticate: Callable[[str], Caller | None],
         route_roles: dict[str, str],
         rate_limits: dict[str, str],
+        unknown_key_limit: str,
+        session_digest: Callable[[dict], str | None] = lambda scope: None,
         rate_limit_store: str = "memory://",
     ):
         from limits import parse
         from limits.aio.storage import MemoryStorage
         from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
-        self.app, self.authenticate, self.route_roles = app, authenticate, route_roles
+        self.app, self.authenticate, self.session_digest = app, authenticate, session_digest
+        self.route_roles = {**route_roles, **dict.fromkeys(ADMIN_ROUTES, "admin")}
         self.rates = {role: parse(rate) for role, rate in rate_limits.items()}  # e.g. "120/minute"
+        self.unknown_key_rate = parse(unknown_key_limit)  # per client address
         # two counters a key and window, whatever the limit (a moving window keeps every hit: in
         # Redis, each request walked a list as long as the limit)
         self.limiter = SlidingWindowCounterRateLimiter(shared_storage(rate_limit_store))
         # while a shared store is down, each process counts on its own: limited, not blocked
         self.fallback = SlidingWindowCounterRateLimiter(MemoryStorage())
-        self._known: dict[str, tuple[Caller | None, float]] = {}
+        # key sha256 -> (caller, until when the answer holds); apart, so unknown keys never evict good ones
+        self._good: LRUCache[str, tuple[Caller, float]] = LRUCache(MAX_CACHED_KEYS)
+        self._unknown: LRUCache[str, float] = LRUCache(MAX_CACHED_KEYS)
+        # lookups on threads of their own: a database that hangs holds these, not the ones uploads decode on
+        self.lookups = ThreadPoolExecutor(2, thread_name_prefix="key-lookup")
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
         if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return await self.app(scope, receive, send)
+        if path == WEB_PREFIX or path.startswith(f"{WEB_PREFIX}/"):
+            return await self._web(scope, receive, send)
         needed = self.route_roles.get(path)
         if needed is None:
             return await reply(send, 404, f"no route {path}; see /docs")
         key = presented_key(scope)
         if not key:
             return await reply(send, 401, "send an API key: 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+        await self._admit(key_digest(key), needed, scope, receive, send)
+
+    async def _web(self, scope, receive, send) -> None:
+        """A web app request: its session's key, checked as an API key is; without a session,
+        the sign-in form (nothing of the request is read)."""
+        path = scope["path"]
+        if path in WEB_OPEN or path.startswith(WEB_OPEN_PREFIXES):
+            return await self.app(scope, receive, send)
+        digest = self.session_digest(scope)
+        if digest is None:
+            await send({"type": "http.response.start", "status": 303, "headers": _raw(sign_in_redirect(scope))})
+            return await send({"type": "http.response.body", "body": b""})
+        await self._admit(digest, "client", scope, receive, send)
+
+    async def _admit(self, digest: str, needed: str, scope, receive, send) -> None:
+        """Let the holder of the key with this sha256 through, if it may call and is within its limits."""
         try:
-            caller = await self._caller(key)
+            caller = await self._caller(digest, client_address(scope))
         except KeysUnavailableError:
             return await reply(send, 503, "API keys cannot be checked now; retry later", {"retry-after": RETRY_AFTER_S})
+        except TooManyUnknownKeysError as error:
+            message = f"too many unknown keys from {client_address(scope)}; retry in {error.wait_s} s"
+            return await reply(send, 429, message, {"retry-after": str(error.wait_s)})
         if caller is None:
             return await reply(send, 401, "unknown or revoked API key")
         if not caller.may_act_as(needed):
-            return await reply(send, 403, f"a {caller.role} key may not call {path}: it needs a {needed} key")
-        if wait_s := await self._over_limit(caller):
-            message = f"key {caller.name!r} is over its limit of {self.rates[caller.role]}; retry in {wait_s} s"
-            return await reply(send, 429, message, {"retry-after": str(wait_s)})
+            return await reply(send, 403, f"a {caller.role} key may not call {scope['path']}: it needs a {needed} key")
+        if wait := await self._over_limit(self.rates[caller.role], caller.name):
+            message = f"key {caller.name!r} is over its limit of {self.rates[caller.role]}; retry in {wait} s"
+            return await reply(send, 429, message, {"retry-after": str(wait)})
         scope.setdefault("state", {})["caller"] = caller
         await self.app(scope, receive, send)
 
-    async def _over_limit(self, caller: Caller) -> int:
-        """Seconds until the key may call again; 0 when it may now (and the call is counted)."""
+    async def _over_limit(self, rate, name: str) -> int:
+        """Seconds until `name` may call again; 0 when it may now (and the call is counted)."""
         from limits.errors import StorageError
 
         try:
-            return await wait_s(self.limiter, self.rates[caller.role], caller.name)
+            return await wait_s(self.limiter, rate, name)
         except StorageError as error:
             logger.warning("rate-limit store failed (%s); counting in this process meanwhile", error)
-            return await wait_s(self.fallback, self.rates[caller.role], caller.name)
+            return await wait_s(self.fallback, rate, name)
 
-    async def _caller(self, key: str) -> Caller | None:
-        """The key's caller, asked of the database at most once per KEY_CACHE_S. While the
-        database is down, a key it answered for before keeps its last answer."""
-        cached = self._known.get(key)
-        if cached is None or cached[1] < time.monotonic():
-            if len(self._known) > MAX_CACHED_KEYS:  # a flood of made-up keys must not grow it without bound
-                self._known.clear()
-            try:
-                cached = (await asyncio.to_thread(self.authenticate, key), time.monotonic() + KEY_CACHE_S)
-            except Exception as error:
-                if cached is None:
-                    raise KeysUnavailableError from error
-                return cached[0]
-            self._known[key] = cached
-        return cached[0]
+    async def _caller(self, digest: str, address: str) -> Caller | None:
+        """The caller holding the key with this sha256, asked of the database at most once per
+        KEY_CACHE_S. A key known to be good is asked again without a limit, and keeps its last
+        answer while the database is down or slow (a hanging one costs its requests a moment
+        each KEY_CACHE_S); any other costs `address` one try of its budget first, and an unknown
+        one is answered from memory for KEY_CACHE_S."""
+        now = time.monotonic()
+        known = self._good.get(digest)
+        if known is not None and known[1] >= now:
+            return known[0]
+        if known is None:
+            if self._unknown.get(digest, 0.0) >= now:
+                return None
+            if wait := await self._over_limit(self.unknown_key_rate, f"unknown-key:{address}"):
+                raise TooManyUnknownKeysError(wait)
+        lookup = asyncio.get_running_loop().run_in_executor(self.lookups, self.authenticate, digest)
+        try:
+            caller = await asyncio.wait_for(lookup, LOOKUP_TIMEOUT_S if known is None else KNOWN_KEY_WAIT_S)
+        except Exception as error:
+            if known is None:
+                raise KeysUnavailableError from error
+            self._good[digest] = (known[0], now + KEY_CACHE_S)  # asked again in a while, not by every request
+            return known[0]
+        if caller is None:
+            self._good.pop(digest, None)
+            self._unknown[digest] = now + KEY_CACHE_S
+        else:
+            self._good[digest] = (caller, now + KEY_CACHE_S)
+        return caller
+
+
+def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode(), v.encode()) for k, v in headers.items()]
 
 
 def shared_storage(uri: str):
@@ -164,6 +231,13 @@ async def wait_s(limiter, rate, name: str) -> int:
 
 class KeysUnavailableError(Exception):
     """The key database did not answer for a key it has not answered for before."""
+
+
+class TooManyUnknownKeysError(Exception):
+    """An address has tried more keys that are not known to be good than its budget allows."""
+
+    def __init__(self, wait_s: int):
+        self.wait_s = wait_s
 
 
 class Admission:
@@ -205,64 +279,70 @@ class BodyTooLargeError(Exception):
     pass
 
 
-class UploadLimits:
-    """On the upload `routes`: bodies up to `max_bytes`, read here (BentoML reads every body whole
-    anyway), and file fields that hold files."""
+class BodyLimits:
+    """Every request body within its route's limit (`route_bytes`, else `default_bytes`), read
+    here before anything parses it (BentoML and the web app read every body whole anyway), and
+    file fields that hold files."""
 
-    def __init__(self, app, *, routes: set[str], max_bytes: int, file_fields: set[str]):
-        self.app, self.routes, self.max_bytes, self.file_fields = app, routes, max_bytes, file_fields
+    def __init__(self, app, *, route_bytes: dict[str, int], default_bytes: int, file_fields: set[str]):
+        self.app, self.route_bytes, self.default_bytes, self.file_fields = app, route_bytes, default_bytes, file_fields
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope.get("path") not in self.routes:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        too_large = f"the request body is over the limit of {self.max_bytes} bytes"
+        limit = self.route_bytes.get(scope["path"], self.default_bytes)
+        too_large = f"the request body is over the limit of {limit} bytes for {scope['path']}"
         declared = header(scope, b"content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared and declared.isdigit() and int(declared) > limit:
             return await reply(send, 413, too_large)
         try:
-            body = await self._read(receive)
+            body = await _read(receive, limit)
         except BodyTooLargeError:
             return await reply(send, 413, too_large)
         if refusal := await self._refusal(scope, body):
             return await reply(send, 400, refusal)
         await self.app(scope, _replay(body, receive), send)
 
-    async def _read(self, receive) -> bytes:
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:  # stop reading: the rest is never taken in
-                raise BodyTooLargeError
-            more = message.get("more_body", False)
-        return b"".join(chunks)
-
     async def _refusal(self, scope, body: bytes) -> str | None:
-        """Why the body gets a 400, if it does: a form that does not parse (BentoML answers those
-        with a 500), or a file field sent as a value (text, JSON, a form field without a
-        filename), which BentoML would fetch as a URL."""
+        """Why the body gets a 400, if it does: a form or JSON that does not parse (BentoML
+        answers those with a 500), a file name no file system takes, or a file field sent as a
+        value (text, JSON, a form field without a filename), which BentoML would fetch as a URL."""
         content_type = header(scope, b"content-type") or ""
         if content_type.startswith("multipart/form-data"):
-            try:  # Starlette's parser, the one BentoML runs next
+            try:  # Starlette's parser, the one BentoML and the web app run next
                 form = await Request(scope, _replay(body, None)).form()
             except (MultiPartException, HTTPException) as error:
                 return f"malformed multipart/form-data: {getattr(error, 'detail', error)}"
+            files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
             fields = {name: value for name, value in form.multi_items() if isinstance(value, str)}
             await form.close()
+            if any(len(file.filename or "") > MAX_FILENAME for file in files):
+                return f"a file name is over {MAX_FILENAME} characters"
         elif content_type.startswith("application/x-www-form-urlencoded"):
             fields = parse_qs(body.decode("latin-1"))
-        elif content_type.startswith("application/json"):
+        elif content_type.startswith("application/json") and body.strip():
             try:
                 fields = json.loads(body)
-            except ValueError:
-                return None  # BentoML answers malformed JSON itself
+            except (ValueError, RecursionError) as error:
+                return f"malformed JSON: {type(error).__name__}"
         else:
             return None
         text = next((name for name in self.file_fields if isinstance(fields, dict) and name in fields), None)
         return text and f"{text!r} must be an uploaded file, not text"
+
+
+async def _read(receive, limit: int) -> bytes:
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:  # stop reading: the rest is never taken in
+            raise BodyTooLargeError
+        more = message.get("more_body", False)
+    return b"".join(chunks)
 
 
 def _replay(body: bytes, receive):
@@ -276,3 +356,39 @@ def _replay(body: bytes, receive):
         return {"type": "http.request", "body": body, "more_body": False}
 
     return replay
+
+
+def label_metrics_by_route(routes: set[str], prefixes: tuple[str, ...]) -> None:
+    """BentoML labels its request metrics with each request's raw path: 2,000 made-up paths grew
+    /metrics from 27.6 KB to 8.5 MB, memory that never comes back. From here on its metrics
+    middleware labels a request by its route when it is one of `routes`, by the first of
+    `prefixes` it starts with, else as "other"; the app behind it still sees the real path."""
+    from bentoml._internal.server.http import instruments
+
+    bentoml_metrics = instruments.RunnerTrafficMetricsMiddleware
+    if getattr(bentoml_metrics, "routes", None) is not None:  # already in place (a module imported twice)
+        bentoml_metrics = bentoml_metrics.__base__
+
+    class RouteLabelledMetrics(bentoml_metrics):
+        def __init__(self, app, **options):
+            super().__init__(_with_real_path(app), **options)
+
+        async def __call__(self, scope, receive, send) -> None:
+            if scope["type"] == "http":
+                path = scope["path"]
+                label = path if path in routes else next((p + "*" for p in prefixes if path.startswith(p)), "other")
+                scope = {**scope, "path": label, "insect.real_path": path}
+            await super().__call__(scope, receive, send)
+
+    RouteLabelledMetrics.routes = routes
+    # BentoML's app factory imports the class by name when it builds the app, after this ran
+    instruments.RunnerTrafficMetricsMiddleware = RouteLabelledMetrics
+
+
+def _with_real_path(app):
+    async def with_real_path(scope, receive, send) -> None:
+        if "insect.real_path" in scope:
+            scope = {**scope, "path": scope.pop("insect.real_path")}
+        await app(scope, receive, send)
+
+    return with_real_path

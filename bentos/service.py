@@ -3,11 +3,13 @@
     POST /predict    an image (JPEG/PNG) -> top-k species, with the model version that answered
     POST /feedback   a corrected label for an image or an earlier prediction -> a feedback id
     POST /model      what is being served
-    GET  /health/storage   whether the database and the image store answer (/readyz: the model)
-    /livez, /readyz, /metrics, /docs.json: BentoML's own
+    GET  /health/storage   whether the database and the image store were up at their last probe
+    /livez, /readyz, /metrics (an admin's), /docs.json: BentoML's own
 
 The model is the registry's `champion`, checked against its registered sha256 before use, and
-swapped in place when the alias moves. Predictions are batched across requests (`batching.py`);
+swapped in place when the alias moves. The service starts without its stores: it is live at
+once, ready when the champion has loaded, and stores feedback whenever its stores answer.
+Predictions are batched across requests (`batching.py`);
 feedback rows go to PostgreSQL and images to S3 (or local files), see `feedback/`, through
 storage threads of their own (`storage.py`). /metrics has where a request's time goes
 (`insect_request_phase_seconds`).
@@ -27,15 +29,17 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
+from functools import cache, partial
 from http import HTTPStatus
 from importlib.metadata import version
 from pathlib import Path
 
 import attr
 import bentoml
+import mlflow
 import numpy as np
 import psutil
+import sqlalchemy as sa
 from bentoml._internal.service.openapi.specification import Info
 from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, ServiceUnavailable, UnprocessableEntity
 from fastapi import FastAPI
@@ -45,15 +49,14 @@ from pydantic import BaseModel, Field
 
 from bentos import web
 from bentos.batching import Batched, Batcher
-from bentos.guards import Admission, ApiKeys, UploadLimits
+from bentos.guards import OPEN_PATHS, Admission, ApiKeys, BodyLimits, label_metrics_by_route
 from bentos.request_timeout import disarm_answered_timers
 from bentos.storage import StorageLane
 from config import get_settings
 from feedback import db
 from feedback.images import image_key, image_store
-from feedback.keys import Caller, caller_for
+from feedback.keys import Caller, caller_for_digest
 from ml.data.ip102 import MAX_SIDE, MIN_SIDE
-from ml.tracking import configure
 from registry import ServedModel, load_verified, version_by_alias
 from registry.pyfunc import preprocess
 
@@ -110,9 +113,10 @@ class NotAnImage(BentoMLException):
     error_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
 
 
-def open_image(upload: Path | bytes, max_bytes: int) -> tuple[bytes, Image.Image]:
+def open_image(upload: Path | bytes, max_bytes: int, max_pixels: int) -> tuple[bytes, Image.Image]:
     """The upload's bytes (from the file BentoML wrote, or as they came) and the image with only
-    its header read (format, size); 4xx errors for anything else. Cheap: nothing is decoded."""
+    its header read (format, size); 4xx errors for anything else, a size over `max_pixels`
+    included. Cheap: nothing is decoded."""
     size = upload.stat().st_size if isinstance(upload, Path) else len(upload)
     if size == 0:
         raise InvalidArgument("the uploaded image is empty")
@@ -122,13 +126,15 @@ def open_image(upload: Path | bytes, max_bytes: int) -> tuple[bytes, Image.Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to twice its limit
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InputTooLarge(f"the image decodes to too many pixels: {error}") from error
     except (UnidentifiedImageError, OSError) as error:
         raise NotAnImage(f"not a readable JPEG or PNG image: {error}") from error
     if image.format not in FORMATS:
         raise NotAnImage(f"{image.format} images are not accepted; send JPEG or PNG")
+    if image.width * image.height > max_pixels:
+        raise InputTooLarge(f"the image is {image.width}x{image.height} px; the limit is {max_pixels:,} pixels")
     return data, image
 
 
@@ -139,13 +145,6 @@ def decode(image: Image.Image) -> Image.Image:
     except OSError as error:
         raise NotAnImage(f"not a readable JPEG or PNG image: {error}") from error
     return image
-
-
-def read_image(upload: Path | bytes, max_bytes: int) -> tuple[bytes, Image.Image]:
-    """The upload's bytes and decoded image. Decoding is CPU work: callers on the event loop run
-    it in a thread."""
-    data, image = open_image(upload, max_bytes)
-    return data, decode(image)
 
 
 def decodes_inline(image: Image.Image) -> bool:
@@ -204,6 +203,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exps / exps.sum()
 
 
+def bound_registry_calls() -> None:
+    """Every MLflow call of this process gives up after `serve.registry_timeout_s`, retried once
+    (the client's defaults: 120 s and 7 retries, on threads other requests need)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(settings.serve.registry_timeout_s))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+
+
+@cache
+def feedback_db() -> sa.Engine:
+    """The feedback database's pooled engine, one per worker: the service's and its key checks'
+    (it connects at its first use: the service starts while the database is down)."""
+    return db.engine(settings)
+
+
 disarm_answered_timers()
 health = FastAPI(title="Insect classifier health", docs_url=None, redoc_url=None, openapi_url=None)
 web_app = web.build_app()
@@ -220,21 +233,21 @@ web_app = web.build_app()
 )
 class InsectClassifier:
     def __init__(self) -> None:
-        configure(settings)
+        # nothing here waits for a store: the alias watcher loads the model, the storage
+        # monitor finds out when the database and the image store answer
+        bound_registry_calls()
+        mlflow.set_tracking_uri(settings.tracking_uri)
         share_cores()
         shorten_lock_turns()
         self.name = settings.registered_model_name
         self.served: ServedModel | None = None
-        self.db = db.engine(settings)
-        self.images = image_store(settings)
+        self.db = feedback_db()
+        self.images = image_store(settings, create_bucket=False)
         serve = settings.serve
-        self.storage = StorageLane(serve.storage_threads, serve.storage_retry_s)
+        checks = {"database": lambda: db.ping(self.db), "images": self.images.check}
+        self.storage = StorageLane(serve.storage_threads, serve.storage_retry_s, settings.feedback.storage_timeout_s, checks)
         self.batcher = Batcher(self._run_batch, serve.max_batch_size)
         web.attach(web_app, settings, self)
-        try:
-            self._reload()
-        except Exception:  # a registry that does not answer yet must not stop the service: the watcher asks again
-            logger.exception("could not load the %r version of %s; not ready until it loads", settings.serve.alias, self.name)
         threading.Thread(target=self._watch_alias, name="alias-watcher", daemon=True).start()
 
     def _reload(self) -> None:
@@ -247,12 +260,12 @@ class InsectClassifier:
         logger.info("serving %s v%s (%s)", self.name, self.served.version, self.served.backend)
 
     def _watch_alias(self) -> None:
-        """Follow the alias. A version that fails to load leaves the served one serving, is logged
-        once, and is tried again only after a delay that doubles each time (up to an hour), instead
-        of being downloaded again at every poll."""
+        """Follow the alias, from the start. A version that fails to load leaves the served one
+        serving, is logged once, and is tried again only after a delay that doubles each time (up
+        to an hour), instead of being downloaded again at every poll. Until a version is served,
+        the registry is asked every second: the service is ready soon after the registry returns."""
         retry = {}  # version that failed -> (when to try it again, the delay after that)
         while True:
-            threading.Event().wait(settings.serve.reload_interval_s)
             version = None  # unknown while the registry does not answer
             try:
                 current = version_by_alias(self.name, settings.serve.alias)
@@ -268,6 +281,8 @@ class InsectClassifier:
                     )
                 delay = retry.get(version, (0.0, settings.serve.reload_interval_s))[1]
                 retry[version] = (time.monotonic() + delay, min(2 * delay, MAX_RELOAD_DELAY_S))
+            interval = settings.serve.reload_interval_s
+            threading.Event().wait(interval if self.served else min(1.0, interval))
 
     def __is_ready__(self) -> bool:
         return self.served is not None
@@ -307,7 +322,7 @@ class InsectClassifier:
         species, most likely first; nothing is stored."""
         # the upload's bytes and header, no pixels yet: microseconds for a phone photo (BentoML
         # wrote the file on this loop already)
-        data, opened = open_image(image, settings.feedback.max_image_bytes)
+        data, opened = open_image(image, settings.feedback.max_image_bytes, settings.feedback.max_image_pixels)
         to_pixels = partial(self._pixels, opened, self._model().model.image_size)
         decoded, pixels = to_pixels() if decodes_inline(opened) else await asyncio.to_thread(to_pixels)
         scored: Batched = await self.batcher(pixels)
@@ -412,8 +427,9 @@ class InsectClassifier:
         else:
             if not predicted_label:
                 raise InvalidArgument("predicted_label is required with an image")
-            data, decoded = await asyncio.to_thread(read_image, image, settings.feedback.max_image_bytes)
-            check_trainable_size(*decoded.size)
+            data, opened = open_image(image, settings.feedback.max_image_bytes, settings.feedback.max_image_pixels)
+            check_trainable_size(*opened.size)  # from the header: an image training cannot take is never decoded
+            decoded = await asyncio.to_thread(decode, opened)
             sha, key = await self.storage(self._store_image, data, decoded.format)
         stored = await self.storage(
             db.record_feedback,
@@ -447,18 +463,11 @@ class InsectClassifier:
 
     @health.get("/storage")
     async def storage_health(self) -> JSONResponse:
-        """Whether the database and the image store answer now, each on its own; 503 when one
-        does not. Readiness (/readyz) is the model's alone: predictions go on without storage."""
-        checks = {"database": lambda: db.ping(self.db), "images": self.images.check}
-        answers = {}
-        for name, check in checks.items():
-            try:
-                await self.storage(check)
-                answers[name] = "ok"
-            except ServiceUnavailable as error:
-                answers[name] = f"unavailable: {error}"
-        healthy = all(answer == "ok" for answer in answers.values())
-        return JSONResponse(answers, status_code=200 if healthy else 503)
+        """Whether the database and the image store were up at the storage monitor's last probe
+        (every `serve.storage_retry_s`; a call here costs no store a round trip); 503 when one was
+        down. Readiness (/readyz) is the model's alone: predictions go on without storage."""
+        answers = {name: "up" if up else "down" for name, up in self.storage.health.items()}
+        return JSONResponse(answers, status_code=200 if all(self.storage.health.values()) else 503)
 
     def _store_image(self, data: bytes, image_format: str) -> tuple[str, str]:
         """Store the upload (content-addressed, so a repeat is free); returns (sha256, key)."""
@@ -469,22 +478,27 @@ class InsectClassifier:
         return sha, key
 
 
-# Outermost first: who is calling, then what they send (a refused caller's body is never read).
+# Outermost first: who is calling, then whether there is room, then what they send (a refused
+# caller's body is never read, and takes no upload slot).
+API_ROUTES = {"/predict": "client", "/feedback": "client", "/model": "client"}
 InsectClassifier.add_asgi_middleware(
     ApiKeys,
-    authenticate=lambda key: caller_for(db.engine(settings), key),
-    route_roles={"/predict": "client", "/feedback": "client", "/model": "client"},
+    authenticate=lambda digest: caller_for_digest(feedback_db(), digest),
+    route_roles=API_ROUTES,
     rate_limits=settings.serve.rate_limits,
+    unknown_key_limit=settings.serve.unknown_key_limit,
+    session_digest=web.session_digest,
     rate_limit_store=settings.serve.rate_limit_store,
 )
 UPLOADS = {"/predict", "/feedback", f"{web.PREFIX}/identify"}
 InsectClassifier.add_asgi_middleware(Admission, routes=UPLOADS, max_in_flight=settings.serve.max_in_flight)
 InsectClassifier.add_asgi_middleware(
-    UploadLimits,
-    routes={*UPLOADS, "/model"},
-    max_bytes=settings.feedback.max_image_bytes + FORM_OVERHEAD_BYTES,
+    BodyLimits,
+    route_bytes=dict.fromkeys(UPLOADS, settings.feedback.max_image_bytes + FORM_OVERHEAD_BYTES),
+    default_bytes=settings.serve.max_form_bytes,
     file_fields={"image"},
 )
+label_metrics_by_route({*API_ROUTES, *OPEN_PATHS, "/metrics", "/health/storage", *web.ROUTES}, ("/static_content/", "/app/"))
 
 API_DESCRIPTION = """Identifies insect pests from a photo (102 IP102 species at most, the ones the
 served model knows) and takes corrections that train the next model.
@@ -500,8 +514,10 @@ served model knows) and takes corrections that train the next model.
 While feedback storage is down, `/predict` still answers, with `prediction_id` null, and
 `/feedback` answers 503 with Retry-After; `GET /health/storage` says which store is down.
 
-Every route but `/livez`, `/readyz`, `/health/storage`, `/metrics` and this document needs an API key, sent as
-`Authorization: Bearer <key>` or `X-API-Key: <key>` (`python -m feedback keys create`)."""
+Every route but `/livez`, `/readyz`, `/health/storage` and this document needs an API key, sent as
+`Authorization: Bearer <key>` or `X-API-Key: <key>` (`python -m feedback keys create`); `/metrics`
+needs an admin's. Bodies have limits (an image's on the upload routes, a form's elsewhere), and so
+have images: bytes and pixels."""
 
 
 class _DescribedService(type(InsectClassifier)):

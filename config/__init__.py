@@ -133,6 +133,9 @@ class FeedbackConfig(Section):
     s3_endpoint_url: str | None = None  # MinIO, moto, ... ; unset means AWS
     s3_prefix: str = "feedback"
     max_image_bytes: int = 5 * 1024 * 1024
+    # pixels an image may declare in its header, checked before it is decoded, on every route:
+    # decoding is ~15 ms a megapixel here, and Pillow's own limit (89 Mpx) let a 280 KB PNG cost 1.3 s
+    max_image_pixels: int = Field(16_000_000, ge=1)
     min_new_samples: int = 5  # the ingest DAG publishes a dataset version from this many trainable rows
     # clients' suggestions train once this many distinct keys agree on an image's species (unset: only a labeler's do)
     client_agreement: int | None = None
@@ -159,6 +162,13 @@ class ServeConfig(Section):
     backend: Literal["auto", "tvm", "eager"] = "auto"  # auto: the TVM build for this GPU, else this CPU, else eager
     # requests per API key and sliding window, by role (limits' notation); JSON to override
     rate_limits: dict[str, str] = {"client": "120/minute", "labeler": "1200/minute", "admin": "1200/minute"}
+    # lookups of keys not known to be good, per client address (a made-up key costs one; past
+    # this, 429 without touching the database); a good key, once seen, is not counted
+    unknown_key_limit: str = "30/minute"
+    # the body limit of every POST route that takes no image (sign-in, review decisions, /model)
+    max_form_bytes: int = Field(16 * 1024, ge=1024)
+    # every MLflow call of the service (the alias watcher, the web app's pages) gives up after this
+    registry_timeout_s: float = Field(5.0, gt=0)
     workers: int = Field(1, ge=1)  # service processes, each with its own model and batching
     # where the rate limits count (limits' storage URI): memory:// counts per process, so more
     # than one worker needs a shared store, e.g. redis://127.0.0.1:6380/1

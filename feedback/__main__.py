@@ -1,5 +1,5 @@
-"""`python -m feedback`: the feedback database (embedded server up/down), what was exported, and
-the service's API keys (`keys create|list|revoke`)."""
+"""`python -m feedback`: the feedback database (embedded server up/down, `migrate` for a deploy),
+what was exported, and the service's API keys (`keys create|list|revoke`)."""
 
 from __future__ import annotations
 
@@ -30,10 +30,22 @@ def _engine() -> sa.Engine:
 @app.command()
 def up() -> None:
     """Start the database (the embedded cluster unless a URL is configured) and migrate it."""
-    settings = get_settings()
-    db.engine(settings)
-    url = sa.make_url(db.database_url(settings)).render_as_string(hide_password=True)
-    typer.echo(f"feedback database ready: {url}")
+    url = db.migrate_once(db.database_url(get_settings()))  # the embedded one is migrated once, as it starts
+    typer.echo(f"feedback database ready: {sa.make_url(url).render_as_string(hide_password=True)}")
+
+
+@app.command()
+def migrate() -> None:
+    """Migrate the configured database (or the running embedded one) to the newest schema; starts
+    nothing. A deploy runs this once (compose's init job, the Kubernetes Job, `make up`), never
+    each service worker."""
+    with exit_on(LookupError):
+        url = db.database_url(get_settings(), start=False)
+    shown = sa.make_url(url).render_as_string(hide_password=True)
+    typer.echo(f"migrating feedback database: {shown}", err=True)
+    with exit_on(sa.exc.OperationalError):  # down or refusing: exit 1, and a Job or init container retries
+        db.migrate(url)
+    typer.echo(f"feedback database migrated: {shown}")
 
 
 @app.command()

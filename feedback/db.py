@@ -3,6 +3,10 @@
 The schema is owned by the Alembic migrations in `feedback/migrations`; the tables below mirror
 it for queries (a test compares the two with Alembic's autogenerate and finds no difference).
 Rows are only ever inserted, and marked once a dataset version has consumed them.
+
+Whoever starts or deploys the database migrates it, once: `python -m feedback up` or
+`database_url(settings)` for the embedded cluster, `python -m feedback migrate` for a configured
+one (compose's init job, the Kubernetes Job, `make up`). A service's engine never does.
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ predictions = sa.Table(
     sa.Column("image_key", sa.Text, nullable=False),
     sa.Column("image_width", sa.Integer),
     sa.Column("image_height", sa.Integer),
+    sa.Index("ix_predictions_probability", "probability"),  # the review queue's unsure ones
 )
+# the newest first (recent_predictions: the drift watch's window), read in the index's order
+sa.Index("ix_predictions_created_at", predictions.c.created_at.desc(), predictions.c.id)
 dataset_exports = sa.Table(
     "dataset_exports",
     metadata,
@@ -67,6 +74,13 @@ feedback = sa.Table(
     sa.Column("idempotency_key", sa.Text),  # the client's Idempotency-Key: one row per key and caller
     # the hourly count of pending feedback reads this index, not the table
     sa.Index("ix_feedback_pending", "id", postgresql_where=sa.text("export_id IS NULL")),
+    # the review queue: whether a prediction has feedback yet, and the open suggestions
+    sa.Index("ix_feedback_prediction_id", "prediction_id", postgresql_where=sa.text("prediction_id IS NOT NULL")),
+    sa.Index(
+        "ix_feedback_open_suggestions",
+        "id",
+        postgresql_where=sa.text("kind = 'suggestion' AND export_id IS NULL AND quarantine_reason IS NULL"),
+    ),
     sa.Index(
         "ux_feedback_idempotency",
         "submitted_by",
@@ -120,13 +134,21 @@ def migrate(url: str) -> None:
     command.upgrade(cfg, "head")
 
 
+@cache
+def migrate_once(url: str) -> str:
+    """`migrate(url)` once per process (a failed one is tried again); returns `url`."""
+    migrate(url)
+    return url
+
+
 def database_url(settings: Settings, *, start: bool = True) -> str:
-    """The configured database, or the embedded cluster: started here when it is down, or with
+    """The configured database (migrated by whoever deploys it: `python -m feedback migrate`), or
+    the embedded cluster: started and migrated here when `start` is on (once per process), or with
     `start` off a LookupError saying how to start it."""
     if settings.feedback.database_url:
         return settings.feedback.database_url
     if start:
-        return postgres.ensure_running(settings.postgres_dir, settings.feedback.postgres_port)
+        return migrate_once(postgres.ensure_running(settings.postgres_dir, settings.feedback.postgres_port))
     if not postgres.is_running(settings.postgres_dir):
         raise LookupError(
             f"no feedback database: the embedded one ({settings.postgres_dir}) is not running and none is configured. "
@@ -138,10 +160,11 @@ def database_url(settings: Settings, *, start: bool = True) -> str:
 
 @cache
 def engine_for(url: str, timeout_s: float = 5.0) -> sa.Engine:
-    """A pooled engine on a migrated database whose every wait is bounded by `timeout_s`: the
-    connection, each statement and a wait for a free pooled connection (an outage then fails
-    fast, as `sa.exc.OperationalError` or the pool's `sa.exc.TimeoutError`, instead of hanging)."""
-    migrate(url)
+    """A pooled engine whose every wait is bounded by `timeout_s`: the connection, each statement
+    and a wait for a free pooled connection (an outage then fails fast, as
+    `sa.exc.OperationalError` or the pool's `sa.exc.TimeoutError`, instead of hanging). No I/O
+    here: it connects on first use, and never migrates (whoever deploys the database does), so a
+    service starts while its database is down."""
     return sa.create_engine(
         url,
         pool_size=10,

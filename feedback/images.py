@@ -82,10 +82,13 @@ class LocalImageStore:
         return path.read_bytes() if path.is_file() else None
 
 
-def image_store(settings: Settings) -> ImageStore:
+def image_store(settings: Settings, create_bucket: bool = True) -> ImageStore:
+    """The configured store; its S3 bucket created when missing, unless `create_bucket` is off
+    (the service: it starts while S3 is down, and a deploy creates the bucket)."""
     cfg = settings.feedback
     if cfg.s3_bucket:
         store = S3ImageStore(cfg.s3_bucket, cfg.s3_endpoint_url or None, cfg.storage_timeout_s)
-        store.ensure_bucket()
+        if create_bucket:
+            store.ensure_bucket()
         return store
     return LocalImageStore(settings.image_store_dir)

@@ -97,7 +97,9 @@ def _postgres_healthy(layout: Layout) -> bool:
 
 
 def _create_databases(layout: Layout) -> None:
-    """A role and a database per service; a role that exists gets its password again."""
+    """A role and a database per service; a role that exists gets its password again. Then the
+    feedback database's schema, migrated here once per start, before Airflow's tasks or the Bento
+    use it (the Bento's workers never migrate)."""
     conn = _admin_connection(layout)
     conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
     try:
@@ -109,6 +111,9 @@ def _create_databases(layout: Layout) -> None:
                 postgres.create_database(cur, name, owner=name)
     finally:
         conn.close()
+    from feedback import db  # Alembic and SQLAlchemy: only once the stack starts PostgreSQL
+
+    db.migrate(layout.database_url(postgres.DATABASE))
 
 
 def _s3(layout: Layout) -> Service:

@@ -50,11 +50,14 @@ def settings(tmp_path, monkeypatch, tiny_dataset) -> Settings:
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
     """A real PostgreSQL server, started the way the project starts its embedded one (in /tmp:
-    pytest's own temp dirs are private to root, and as root the server runs as `postgres`)."""
+    pytest's own temp dirs are private to root, and as root the server runs as `postgres`), and
+    migrated once."""
     cluster = Path(tempfile.mkdtemp(prefix="insect-pg-")) / "cluster"
     os.chmod(cluster.parent, 0o755)
     try:
-        yield postgres.ensure_running(cluster, free_port())
+        url = postgres.ensure_running(cluster, free_port())
+        db.migrate(url)  # once, as a deploy does: the service's engines never migrate
+        yield url
     finally:  # also when start-up failed half-way
         postgres.stop(cluster)
         shutil.rmtree(cluster.parent, ignore_errors=True)

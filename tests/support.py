@@ -135,6 +135,26 @@ def bento_env(data_dir: Path, port: int, database_url: str, s3_endpoint: str, bu
     }
 
 
+class S3Server:
+    """moto's S3 API on a localhost port of its own, which a test may stop and start again: the
+    buckets live in this process's moto backends, so they outlast a restart, as a real store's do."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = None
+
+    def start(self) -> S3Server:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
 class BentoServer:
     """`bentoml serve` of the service on `port`, its output in `log`, in this process's
     environment (set up with `bento_env`) with `env` over it."""
@@ -156,12 +176,13 @@ class BentoServer:
             )
         return self
 
-    def wait_ready(self, timeout_s: float = 180) -> BentoServer:
+    def wait_ready(self, timeout_s: float = 180, probe: str = "/readyz") -> BentoServer:
+        """Wait until `probe` (/readyz: the model is served; /livez: the server answers) says 200."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log.read_text()[-4000:]
             try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.base}{probe}", timeout=2).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

@@ -5,7 +5,9 @@ review suggestions and unsure predictions; admins promote and roll back models.
 Server-rendered (FastAPI + Jinja2); no JavaScript needed (one inline script previews the chosen
 photo): every page works with a keyboard and on a phone (the file input opens the camera). A
 session is a signed, HttpOnly, SameSite=Strict cookie holding the key's sha256, never the key;
-the key is checked again on every request, so a revoked key ends its sessions. Every form
+the service's `ApiKeys` middleware checks that key on every request before its body is read, and
+counts it against the key's rate limit, so a revoked key ends its sessions and a page without a
+session goes to the sign-in form (and back after it). Every form
 carries the session's CSRF token. The pages call the same service methods as the API
 (`identify`, `correct`), so they refuse what it refuses, with the same statuses.
 """
@@ -15,9 +17,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import json
 import os
 import secrets
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache, partial
 from pathlib import Path
 from typing import Annotated
 
@@ -27,19 +32,24 @@ from fastapi import APIRouter, Depends, FastAPI, Form, Request, UploadFile
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from itsdangerous import BadSignature, TimestampSigner
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import cookie_parser
 
-from config import Settings
+from config import Settings, get_settings
 from config.private import write_private
 from feedback import db, review
-from feedback.keys import Caller, caller_for, caller_for_digest, key_digest
+from feedback.keys import Caller, caller_for, key_digest
 from registry import all_versions, gate_summary, promote, rollback
 
 HERE = Path(__file__).parent
 PREFIX = "/app"  # where the Bento mounts the app
 SESSION_HOURS = 8
+SESSION_COOKIE = "insect_session"
+# MLflow calls (the models page, promotion) run here, never on the threads that decode uploads
+REGISTRY_THREADS = ThreadPoolExecutor(2, thread_name_prefix="registry")
 templates = Jinja2Templates(directory=HERE / "templates")
 router = APIRouter()
 
@@ -67,6 +77,41 @@ def session_secret(path: Path) -> str:
     return path.read_text().strip()
 
 
+def session_secret_path(settings: Settings) -> Path:
+    return settings.data_dir / "keys" / "web-session.secret"
+
+
+@cache
+def _session_signer() -> TimestampSigner:
+    return TimestampSigner(session_secret(session_secret_path(get_settings())))
+
+
+def session_digest(scope) -> str | None:
+    """The sha256 of the key a request's session signed in with, read from its cookie as
+    Starlette's SessionMiddleware signs it; None without a cookie, for a session that has not
+    signed in, and for a cookie that is forged or older than SESSION_HOURS. No I/O."""
+    cookies = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"cookie"), "")
+    cookie = cookie_parser(cookies).get(SESSION_COOKIE)
+    if not cookie:
+        return None
+    try:
+        session = json.loads(base64.b64decode(_session_signer().unsign(cookie.encode(), max_age=SESSION_HOURS * 3600)))
+    except (BadSignature, ValueError):
+        return None
+    digest = session.get("key") if isinstance(session, dict) else None
+    return digest if isinstance(digest, str) else None
+
+
+async def registry_call(request: Request, fn, *args):
+    """`fn(*args)`, an MLflow call, on the registry's threads, bounded in time: a registry that
+    does not answer is a 503 page, and holds no thread another request needs."""
+    call = asyncio.get_running_loop().run_in_executor(REGISTRY_THREADS, partial(fn, *args))
+    try:
+        return await asyncio.wait_for(call, request.app.state.serve.registry_timeout_s * 2)
+    except TimeoutError as error:
+        raise PageError(503, "The model registry does not answer now. Try again in a minute.") from error
+
+
 def build_app() -> FastAPI:
     """The app's routes and files; `attach` gives it the service and its settings at start."""
     app = FastAPI(title="Insect classifier web app", docs_url=None, redoc_url=None, openapi_url=None)
@@ -84,8 +129,8 @@ def attach(app: FastAPI, settings: Settings, service) -> None:
     and the session cookies' signing key, kept under the data directory."""
     app.add_middleware(
         SessionMiddleware,
-        secret_key=session_secret(settings.data_dir / "keys" / "web-session.secret"),
-        session_cookie="insect_session",
+        secret_key=session_secret(session_secret_path(settings)),
+        session_cookie=SESSION_COOKIE,
         path=PREFIX,
         max_age=SESSION_HOURS * 3600,
         same_site="strict",
@@ -113,13 +158,10 @@ async def check_csrf(request: Request) -> None:
 
 
 async def signed_in(request: Request) -> Caller:
-    digest = request.session.get("key")
-    service = request.app.state.service
-    caller = digest and await asyncio.to_thread(caller_for_digest, service.db, digest)
-    if not caller:
-        request.session.pop("key", None)
+    """The session's caller, as the ApiKeys middleware found it before the body was read."""
+    caller = getattr(request.state, "caller", None)
+    if caller is None:
         raise PageError(401, "Sign in with your API key first.")
-    request.state.caller = caller
     return caller
 
 
@@ -138,19 +180,27 @@ Admin = Annotated[Caller, Depends(role("admin"))]
 Csrf = Depends(check_csrf)
 
 
+def back_to(next_page: str) -> str:
+    """Where sign-in leads: the page asked for, when it is one of this app's, else its front page."""
+    inside = next_page.startswith(f"{PREFIX}/") and not next_page.startswith(f"{PREFIX}//") and "\\" not in next_page
+    return next_page if inside else f"{PREFIX}/"
+
+
 @router.get("/sign-in")
-async def sign_in_page(request: Request) -> Response:
-    return page(request, "sign_in.html")
+async def sign_in_page(request: Request, next: str = f"{PREFIX}/") -> Response:
+    return page(request, "sign_in.html", next=back_to(next))
 
 
 @router.post("/sign-in", dependencies=[Csrf])
-async def sign_in(request: Request, api_key: Annotated[str, Form(max_length=200)]) -> Response:
-    caller = await asyncio.to_thread(caller_for, request.app.state.service.db, api_key.strip())
+async def sign_in(
+    request: Request, api_key: Annotated[str, Form(max_length=200)], next: Annotated[str, Form(max_length=2000)] = f"{PREFIX}/"
+) -> Response:
+    caller = await request.app.state.service.storage(caller_for, request.app.state.service.db, api_key.strip())
     if caller is None:
-        return page(request, "sign_in.html", 401, message="That key is unknown or revoked.")
+        return page(request, "sign_in.html", 401, message="That key is unknown or revoked.", next=back_to(next))
     request.session.clear()  # a new session: a new CSRF token too
     request.session["key"] = key_digest(api_key.strip())
-    return RedirectResponse(f"{PREFIX}/", status_code=303)
+    return RedirectResponse(back_to(next), status_code=303)
 
 
 @router.post("/sign-out", dependencies=[Csrf])
@@ -194,7 +244,7 @@ def _trained_in(name: str) -> dict[str, list[str]]:
 async def history(request: Request, caller: Client) -> Response:
     state = request.app.state
     rows = await state.service.storage(db.feedback_sent_by, state.service.db, caller.name)
-    trained = await asyncio.to_thread(_trained_in, state.model_name) if any(row.dataset_dir for row in rows) else {}
+    trained = await registry_call(request, _trained_in, state.model_name) if any(row.dataset_dir for row in rows) else {}
     return page(request, "history.html", rows=rows, trained=trained)
 
 
@@ -263,7 +313,7 @@ def _version_rows(name: str, db_engine) -> list[dict]:
 @router.get("/models")
 async def models_page(request: Request, caller: Labeler, promoted: int | None = None, restored: int | None = None) -> Response:
     state = request.app.state
-    rows = await asyncio.to_thread(_version_rows, state.model_name, state.service.db)
+    rows = await registry_call(request, _version_rows, state.model_name, state.service.db)
     context = {"rows": rows, "name": state.model_name, "serve": state.serve, "promoted": promoted, "restored": restored}
     return page(request, "models.html", **context)
 
@@ -279,7 +329,7 @@ async def confusion_matrix(request: Request, caller: Labeler, version: int, slic
             return Path(path).read_bytes()
 
     try:
-        return Response(await asyncio.to_thread(download), media_type="image/png")
+        return Response(await registry_call(request, download), media_type="image/png")
     except MlflowException as error:
         raise PageError(404, f"No confusion matrix for version {version} on {slice_name!r}.") from error
 
@@ -299,7 +349,7 @@ async def promote_version(
     if not sure:
         raise PageError(400, "Tick the box to confirm: the Bento serves the new champion within seconds.")
     try:
-        await asyncio.to_thread(promote, request.app.state.model_name, str(version))
+        await registry_call(request, promote, request.app.state.model_name, str(version))
     except MlflowException as error:
         raise registry_refusal(error, f"No version {version} to promote.") from error
     return RedirectResponse(f"{PREFIX}/models?promoted={version}", status_code=303)
@@ -310,9 +360,13 @@ async def roll_back(request: Request, caller: Admin, sure: Annotated[bool, Form(
     if not sure:
         raise PageError(400, "Tick the box to confirm the rollback.")
     try:
-        version = await asyncio.to_thread(rollback, request.app.state.model_name)
+        version = await registry_call(request, rollback, request.app.state.model_name)
     except LookupError as error:
         raise PageError(409, str(error)) from error
     except MlflowException as error:
         raise registry_refusal(error, "The registry refused the rollback.") from error
     return RedirectResponse(f"{PREFIX}/models?restored={version}", status_code=303)
+
+
+# Every page's route, for the request metrics' labels (a path with an id in it is labelled by its prefix)
+ROUTES = {PREFIX, *(PREFIX + route.path for route in router.routes if "{" not in route.path)}

@@ -6,7 +6,8 @@ from sqlalchemy import create_engine
 from feedback.db import metadata
 
 url = context.config.get_main_option("sqlalchemy.url")
-with create_engine(url).connect() as connection:
+# a database that does not answer fails the migration in seconds instead of hanging a deploy
+with create_engine(url, connect_args={"connect_timeout": 10}).connect() as connection:
     context.configure(connection=connection, target_metadata=metadata)
     with context.begin_transaction():
         context.run_migrations()

@@ -3,8 +3,10 @@
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import boto3
@@ -14,12 +16,12 @@ from botocore.exceptions import ClientError
 from PIL import Image
 
 from config import REPO_ROOT
-from feedback import db
+from feedback import db, postgres
 from feedback.export import finish_interrupted_publish, publish, stage
 from ml.data import read_classes, read_split
 from ml.data.versions import current_dataset
 from ml.validate import validate
-from tests.support import photo_bytes, post_feedback
+from tests.support import free_port, photo_bytes, post_feedback
 
 
 def _stage_validate_publish(settings):
@@ -45,6 +47,147 @@ def test_migrations_are_idempotent(postgres_url):
     db.migrate(postgres_url)
     tables = sa.inspect(sa.create_engine(postgres_url)).get_table_names()
     assert {"predictions", "feedback", "dataset_exports", "alembic_version"} <= set(tables)
+
+
+@pytest.fixture
+def fresh_database(postgres_url):
+    """A database of this test's own on the tests' server, empty (no schema yet), dropped after:
+    its rows disturb no other test."""
+    name = f"fresh_{os.urandom(6).hex()}"
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    try:
+        yield sa.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE {name} WITH (FORCE)"))  # and the connections left to it
+        admin.dispose()
+
+
+def test_an_engine_never_migrates_nor_needs_its_database_up(fresh_database, postgres_url):
+    """Every service worker builds an engine; whoever deploys the database migrates it, once."""
+    engine = db.engine_for(fresh_database)
+    with engine.connect() as conn:
+        assert sa.inspect(conn).get_table_names() == []
+    down = sa.make_url(postgres_url).set(port=1).render_as_string(hide_password=False)  # nothing listens there
+    db.engine_for(down, timeout_s=1.0)  # no I/O: a worker starts while its database is down
+
+
+def test_feedback_migrate_migrates_the_configured_database_and_starts_none(fresh_database, tmp_path):
+    def migrate(**env: str) -> subprocess.CompletedProcess:
+        environment = {k: v for k, v in os.environ.items() if k != "INSECT_FEEDBACK__DATABASE_URL"}
+        environment.update(INSECT_DATA_DIR=str(tmp_path / "data"), **env)
+        command = [sys.executable, "-m", "feedback", "migrate"]
+        return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, check=False)
+
+    done = migrate()  # none configured, the embedded one not running: says so, starts nothing
+    assert done.returncode == 1 and "no feedback database" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "data" / "postgres").exists()
+    done = migrate(INSECT_FEEDBACK__DATABASE_URL=fresh_database)
+    assert done.returncode == 0, done.stderr
+    assert sa.make_url(fresh_database).password not in done.stdout + done.stderr
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    engine = sa.create_engine(fresh_database)
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), db.metadata) == []  # the newest schema
+    engine.dispose()
+
+
+def test_the_embedded_cluster_is_migrated_once_per_process_by_whoever_starts_it(settings, monkeypatch):
+    directory = Path(tempfile.mkdtemp(prefix="insect-pg-"))  # /tmp: as root the server runs as `postgres`
+    os.chmod(directory, 0o755)
+    monkeypatch.setattr(settings, "data_dir", directory)
+    monkeypatch.setattr(settings.feedback, "database_url", None)
+    monkeypatch.setattr(settings.feedback, "postgres_port", free_port())
+    migrations = []
+    monkeypatch.setattr(db, "migrate", lambda url, migrate=db.migrate: migrations.append(url) or migrate(url))
+    engine = None
+    try:
+        url = db.database_url(settings)  # started here, and migrated
+        engine = db.engine(settings)  # a worker asking again: started already, migrated already
+        assert db.database_url(settings) == url == engine.url.render_as_string(hide_password=False)
+        assert migrations == [url]
+        with engine.connect() as conn:
+            assert {"predictions", "feedback", "api_keys", "review_claims"} <= set(sa.inspect(conn).get_table_names())
+    finally:
+        if engine is not None:
+            engine.dispose()
+        postgres.stop(settings.postgres_dir)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _plan_nodes(plan: dict):
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+def test_the_review_queue_and_recent_predictions_read_indexes_not_whole_tables(fresh_database):
+    """On tens of thousands of rows shaped as in use (few predictions unsure, most feedback
+    exported labels, a few open suggestions), the queries review.claim_next, review.progress and
+    db.recent_predictions send are planned over the queue's indexes: no sequential scan of
+    predictions or feedback, which grow with every request."""
+    db.migrate(fresh_database)
+    engine = sa.create_engine(fresh_database)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO dataset_exports (dataset_dir, num_samples) VALUES ('v0001', 1)"))
+        conn.execute(
+            sa.text("""
+            INSERT INTO predictions (id, created_at, model_name, model_version, backend, label, probability,
+                                     image_sha256, image_key)
+            SELECT md5(i::text), now() - i * interval '1 minute', 'insect-classifier', '1', 'torch', 'rice leaf roller',
+                   CASE WHEN i % 800 < 2 THEN (i % 45) / 100.0 ELSE 0.5 + (i % 997) / 2000.0 END,
+                   md5(i::text) || md5(i::text), 'predictions/' || i || '.png'
+            FROM generate_series(1, 40000) AS i""")
+        )
+        # feedback on three predictions in four (half the unsure ones), nine labels in ten exported,
+        # one row in 300 an open suggestion
+        conn.execute(
+            sa.text("""
+            INSERT INTO feedback (prediction_id, image_sha256, image_key, predicted_label, corrected_label, kind, export_id)
+            SELECT md5(i::text), md5(i::text) || md5(i::text), 'feedback/' || i || '.png', 'rice leaf roller',
+                   'paddy stem maggot', CASE WHEN i % 400 = 1 THEN 'suggestion' ELSE 'label' END,
+                   CASE WHEN i % 400 = 1 OR i % 10 = 3 THEN NULL ELSE 1 END
+            FROM generate_series(1, 40000) AS i WHERE i % 4 <> 0""")
+        )
+        conn.execute(
+            sa.text("""
+            INSERT INTO drift_scores (prediction_id, run_id, witness, drifted)
+            SELECT md5(i::text), 'run', (i % 13) / 13.0, false FROM generate_series(1, 2000) AS i""")
+        )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM ANALYZE"))  # as autovacuum leaves them: statistics, visibility map
+
+    sent = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def keep(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("SELECT") and "predictions" in statement:
+            sent.append((statement, parameters))
+
+    from feedback import review
+
+    assert review.claim_next(engine, "ann", unsure_below=0.5, hold_s=600) is not None
+    assert review.progress(engine, "ann", unsure_below=0.5)[1] > 0
+    assert len(db.recent_predictions(engine, 50)) == 50
+    assert len(sent) == 3, [statement for statement, _ in sent]
+
+    used = []
+    with engine.connect() as conn:
+        for statement, parameters in sent:
+            [plan] = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters).scalar_one()
+            nodes = list(_plan_nodes(plan["Plan"]))
+            scanned = [n["Relation Name"] for n in nodes if n["Node Type"] == "Seq Scan"]
+            assert not {"predictions", "feedback"} & set(scanned), f"sequential scans of {scanned}: {statement}"
+            used.append({n["Index Name"] for n in nodes if "Index Name" in n})
+    engine.dispose()
+    queue = {"ix_predictions_probability", "ix_feedback_prediction_id", "ix_feedback_open_suggestions"}
+    claim, left, recent = used
+    assert queue <= claim and queue <= left, used
+    assert "ix_predictions_created_at" in recent, used
 
 
 def test_export_builds_a_validated_version_with_the_corrections(live_settings):

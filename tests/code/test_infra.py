@@ -259,3 +259,43 @@ def test_no_command_line_in_compose_or_kubernetes_holds_a_secret():
     interpolated = {v for text in compose for v in re.findall(r"(?<!\$)\$\{(\w+)", text)}
     interpolated |= {v for text in kubernetes for v in re.findall(r"\$\((\w+)\)", text)}
     assert compose and kubernetes and not interpolated & names, interpolated & names
+
+
+def _is_feedback_migrate(command: list[str]) -> bool:
+    return command == ["python", "-m", "feedback", "migrate"]
+
+
+def test_the_feedback_migrate_command_exists():
+    from feedback.__main__ import app
+
+    assert "migrate" in {command.name or command.callback.__name__ for command in app.registered_commands}
+
+
+def test_compose_migrates_the_feedback_database_once_before_the_bento_starts():
+    """An init job runs `python -m feedback migrate` on the Bento's database once PostgreSQL is
+    healthy; the Bento (and Airflow, whose DAGs read it) waits for it to complete."""
+    [name] = [name for name, service in OUR_SERVICES.items() if _is_feedback_migrate(service.get("command", []))]
+    job, bento = COMPOSE["services"][name], COMPOSE["services"]["bento"]
+    assert job["environment"]["INSECT_FEEDBACK__DATABASE_URL"] == bento["environment"]["INSECT_FEEDBACK__DATABASE_URL"]
+    assert job["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    assert "restart" not in job  # a job, not a service that stays up
+    waits = {"condition": "service_completed_successfully"}
+    assert bento["depends_on"][name] == waits
+    assert COMPOSE["services"]["airflow-worker"]["depends_on"][name] == waits
+
+
+def test_kubernetes_has_a_job_migrating_the_bentos_feedback_database():
+    [job] = [doc for doc in MANIFESTS if doc["kind"] == "Job" and doc["metadata"]["name"] == "insect-feedback-migrate"]
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    assert _is_feedback_migrate(container["command"]) and container["image"] == "insect-mlops:latest"
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure" and job["spec"]["backoffLimit"] >= 1
+    [bento] = [doc for doc in MANIFESTS if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "insect-bento"]
+    [served] = bento["spec"]["template"]["spec"]["containers"]
+
+    def database(c: dict) -> str:
+        return next(e["value"] for e in c["env"] if e["name"] == "INSECT_FEEDBACK__DATABASE_URL")
+
+    assert database(container) == database(served)
+    assert container["envFrom"] == served["envFrom"]  # the same Secret and endpoints as the Bento's
+    init_containers = bento["spec"]["template"]["spec"].get("initContainers", [])
+    assert not any(_is_feedback_migrate(c.get("command", [])) for c in init_containers)  # not once per replica

@@ -29,6 +29,7 @@ def worker(store: str) -> ApiKeys:
         authenticate=lambda key: Caller(name=key, role="client"),
         route_roles={"/predict": "client"},
         rate_limits={"client": f"{LIMIT}/minute"},
+        unknown_key_limit="1000/minute",
         rate_limit_store=store,
     )
 

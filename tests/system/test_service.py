@@ -26,6 +26,7 @@ from bentos import guards
 from config import REPO_ROOT, get_settings
 from feedback import db, keys
 from feedback.db import feedback as feedback_table
+from feedback.images import image_store
 from ml.data import read_classes, read_split
 from registry import FILES_TAG, promote
 from tests.support import BentoServer, bento_env, free_port, register_tiny_model
@@ -58,6 +59,7 @@ def server(tmp_path_factory, tiny_dataset, postgres_url, s3_endpoint):
         get_settings.cache_clear()
         classes = read_classes(tiny_dataset)
         register_tiny_model(classes, seed=0)
+        image_store(get_settings())  # the bucket, made as a deploy makes it: the service creates none
         suffix = os.urandom(4).hex()
         bearer = {
             role: {"Authorization": f"Bearer {keys.create_key(db.engine(get_settings()), name=f'{role}-{suffix}', role=role)}"}
@@ -334,8 +336,68 @@ def test_without_a_known_key_every_route_is_a_401_and_stores_nothing(server, rou
 def test_a_key_works_as_x_api_key_too_and_health_and_docs_need_none(server):
     key = server["client"]["Authorization"].removeprefix("Bearer ")
     assert _photo_post(server, headers={"X-API-Key": key}).status_code == 200
-    for path in ("/livez", "/readyz", "/docs.json", "/schema.json", "/metrics"):
+    for path in ("/livez", "/readyz", "/docs.json", "/schema.json"):
         assert httpx.get(f"{server['base']}{path}", timeout=10).status_code == 200, path
+    storage = httpx.get(f"{server['base']}/health/storage", timeout=10)
+    assert storage.status_code == 200 and storage.json() == {"database": "up", "images": "up"}  # nothing more
+
+
+def _endpoint_labels(server) -> set[str]:
+    """The `endpoint` labels of BentoML's request metrics on /metrics (an admin's)."""
+    response = httpx.get(f"{server['base']}/metrics", headers=server["admin"], timeout=30)
+    assert response.status_code == 200
+    return set(re.findall(r'endpoint="([^"]*)"', response.text))
+
+
+def test_metrics_are_an_admins_and_2000_made_up_paths_add_no_label(server):
+    for role in (None, "client", "labeler"):
+        assert httpx.get(f"{server['base']}/metrics", headers=server.get(role, {}), timeout=10).status_code in (401, 403)
+
+    async def made_up_paths() -> None:
+        async with httpx.AsyncClient(base_url=server["base"], timeout=30, limits=httpx.Limits(max_connections=16)) as http:
+            for start in range(0, 1000, 50):
+                await asyncio.gather(*(http.get(f"/no-such-route-{start + i}") for i in range(50)))
+                await asyncio.gather(*(http.get(f"/app/no-such-page-{start + i}") for i in range(50)))
+
+    asyncio.run(made_up_paths())
+    labels = _endpoint_labels(server)
+    assert {"other", "/app/*"} <= labels and not any("no-such" in label for label in labels), labels
+    known = {"/predict", "/feedback", "/model", "/metrics", "/health/storage", "/static_content/*", "/app/*", "other"}
+    assert all(label in known or label.startswith("/app") or label in guards.OPEN_PATHS for label in labels), labels
+    assert len(labels) < 40  # a bound of its own, whatever the paths asked for
+
+
+def test_the_front_door_takes_a_newcomer_to_sign_in_and_back_to_the_page_they_asked_for(server):
+    with httpx.Client(base_url=server["base"], timeout=30, follow_redirects=True) as web:
+        sign_in = web.get("/app/history")
+        assert sign_in.url.path == "/app/sign-in" and sign_in.status_code == 200 and "API key" in sign_in.text
+        token = re.search(r'name="csrf" value="([^"]+)"', sign_in.text).group(1)
+        next_page = re.search(r'name="next" value="([^"]+)"', sign_in.text).group(1)
+        key = server["client"]["Authorization"].removeprefix("Bearer ")
+        landed = web.post("/app/sign-in", data={"api_key": key, "csrf": token, "next": next_page})
+        assert landed.url.path == "/app/history" and landed.status_code == 200
+        elsewhere = web.post("/app/sign-in", data={"api_key": key, "csrf": token, "next": "https://evil.example/"})
+        assert elsewhere.url.host == "127.0.0.1"  # never to another site
+
+
+def test_a_200_mb_form_to_sign_in_is_refused_before_it_is_read(server):
+    def body():
+        for _ in range(200):
+            yield b"x" * 1_000_000
+
+    started, before_rss = time.monotonic(), _server_rss(server["pid"])
+    try:
+        response = httpx.post(
+            f"{server['base']}/app/sign-in",
+            content=body(),
+            headers={"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "200000000"},
+            timeout=60,
+        )
+        assert response.status_code == 413 and "over the limit" in response.json()["error"]
+    except httpx.WriteError:
+        pass  # answered and closed while the client was still sending: refused all the same
+    assert time.monotonic() - started < 5  # 9.5 s when the form was parsed first
+    assert _server_rss(server["pid"]) - before_rss < 20_000_000  # 200 MB never taken in
 
 
 def test_a_route_that_is_not_public_is_a_404_even_for_an_admin(server):
@@ -513,9 +575,9 @@ def test_the_load_benchmark_drives_the_service_with_locust_and_reads_its_timings
     for index in range(3):
         (tmp_path / "photos" / f"{index}.jpg").write_bytes(_jpeg(server["dataset"], index))
     env = {**os.environ, "LOAD_API_KEY_FILE": str(tmp_path / "key"), "LOAD_IMAGES": str(tmp_path / "photos")}
-    before = phase_totals(server["base"])
+    before = phase_totals(server["base"], server["admin"])
     result = run_locust(server["base"], 2, 3, "mixed", env, tmp_path)
-    result |= {"config": "eager, batching", "phases_ms": mean_phases_ms(before, phase_totals(server["base"]))}
+    result |= {"config": "eager, batching", "phases_ms": mean_phases_ms(before, phase_totals(server["base"], server["admin"]))}
     assert result["requests"] > 10 and result["errors"] == 0, result
     assert all(result["phases_ms"][phase] > 0 for phase in ("upload_parse", "decode", "preprocess", "model", "database"))
     assert "| eager, batching | mixed | 2 |" in markdown([result], MlflowClient().get_model_version("insect-classifier", "1"), 3)
@@ -551,8 +613,7 @@ def _sign_in(browser, server, role: str) -> None:
     from selenium.webdriver.common.by import By
 
     browser.get(f"{server['base']}/app/")
-    assert "Sign in with your API key first" in browser.page_source
-    browser.get(f"{server['base']}/app/sign-in")
+    assert browser.current_url.endswith("/app/sign-in?next=/app/")  # the front door: the sign-in form
     browser.find_element(By.ID, "api_key").send_keys(server[role]["Authorization"].removeprefix("Bearer "))
     browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
     _shown(browser, By.ID, "image")
@@ -677,6 +738,8 @@ def test_the_web_app_refuses_a_form_without_its_csrf_token_and_bad_uploads_as_th
         photo = {"image": ("bug.jpg", _jpeg(server["dataset"]), "image/jpeg")}
         refused = web.post("/identify", files=photo)
         assert refused.status_code == 403 and "did not come from this site" in refused.text
+        nested = web.post("/identify", content=b"[" * 5000 + b"]" * 5000, headers={"Content-Type": "application/json"})
+        assert nested.status_code == 400 and "malformed JSON" in nested.text
         assert web.post("/identify", files=photo, data={"csrf": token}).status_code == 200
         for case in ("text", "bomb png", "empty"):
             name, data, content_type = HOSTILE[case]
