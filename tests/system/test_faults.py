@@ -1,5 +1,6 @@
 """The Bento under faults, over HTTP: killed with SIGKILL while feedback pours in; its PostgreSQL
-stopped while predictions are asked for; started while PostgreSQL, S3 and MLflow are all down."""
+stopped, then hanging, and its S3 store down while predictions are asked for; started while
+PostgreSQL, S3 and MLflow are all down."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import boto3
 import httpx
+import psutil
 import pytest
 import sqlalchemy as sa
 
@@ -40,6 +42,11 @@ class Stores:
 
     def start_database(self) -> None:
         postgres.ensure_running(self.cluster, sa.make_url(self.database_url).port)
+
+    def postgres_processes(self) -> list[psutil.Process]:
+        """The postmaster and its children: what SIGSTOP freezes (the sockets stay open: a hang, not a refusal)."""
+        postmaster = psutil.Process(int((self.cluster / "postmaster.pid").read_text().split()[0]))
+        return [postmaster, *postmaster.children(recursive=True)]
 
 
 @pytest.fixture
@@ -203,6 +210,71 @@ def storage_health(server: BentoServer, within_s: float) -> dict[str, str]:
     while (now := httpx.get(f"{server.base}/health/storage", timeout=5).json()) == first and time.monotonic() < deadline:
         time.sleep(0.5)
     return now
+
+
+async def predictions(server: BentoServer, headers: dict, image: bytes, until: float, clients: int = 8) -> list[tuple]:
+    """`clients` closed-loop clients asking for predictions until `until`: (start, status, stored, latency) each."""
+    answers = []
+
+    async def client() -> None:
+        async with httpx.AsyncClient(base_url=server.base, headers=headers, timeout=60) as http:
+            while time.monotonic() < until:
+                started = time.monotonic()
+                response = await http.post("/predict", files={"image": ("bug.jpg", image, "image/jpeg")})
+                stored = response.status_code == 200 and response.json()["prediction_id"] is not None
+                answers.append((started, response.status_code, stored, time.monotonic() - started))
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return answers
+
+
+def test_predictions_answer_through_a_hanging_database_and_an_s3_outage(bento, tiny_dataset):
+    """Under 8 clients: PostgreSQL frozen with SIGSTOP for 15 s (its sockets stay open: every
+    query hangs instead of failing), then, 20 s later, S3 stopped for 15 s. Every prediction is a 200, those
+    during an outage are answered unstored, and storage resumes by itself after each."""
+    server, stores, labeler = bento
+    image = (tiny_dataset / "images" / next((tiny_dataset / "images").iterdir()).name).read_bytes()
+    marks = {}
+
+    def outages() -> None:
+        time.sleep(5)
+        frozen = stores.postgres_processes()
+        for process in frozen:
+            process.suspend()
+        marks["hang"] = time.monotonic()
+        marks["hang health"] = storage_health(server, within_s=20)
+        time.sleep(max(0.0, 15 - (time.monotonic() - marks["hang"])))
+        for process in frozen:
+            process.resume()
+        marks["thawed"] = time.monotonic()
+        time.sleep(20)
+        stores.s3.stop()
+        marks["s3 down"] = time.monotonic()
+        marks["s3 health"] = storage_health(server, within_s=20)
+        time.sleep(max(0.0, 15 - (time.monotonic() - marks["s3 down"])))
+        stores.s3.start()
+        marks["s3 up"] = time.monotonic()
+
+    async def run() -> list[tuple]:
+        until = time.monotonic() + 78
+        answers, _ = await asyncio.gather(predictions(server, labeler, image, until), asyncio.to_thread(outages))
+        return answers
+
+    answers = asyncio.run(run())
+    assert {status for _, status, _, _ in answers} == {200}
+    assert marks["hang health"] == {"database": "down", "images": "up"}
+    assert marks["s3 health"] == {"database": "up", "images": "down"}
+    retry_s = get_settings().serve.storage_retry_s
+    for start, end in (("hang", "thawed"), ("s3 down", "s3 up")):
+        # those in flight when the outage began wait for the storage timeout; the rest skip storage
+        wait_s = 2 * get_settings().feedback.storage_timeout_s
+        during = [a for a in answers if marks[start] + wait_s < a[0] and a[0] + a[3] < marks[end]]
+        assert len(during) > 100 and not any(stored for _, _, stored, _ in during), start
+        assert max(latency for *_, latency in during) < 1.0, start
+        # the monitor finds the store up within a probe's timeout and its interval
+        back = marks[end] + retry_s + get_settings().feedback.storage_timeout_s + 2
+        after = [a for a in answers if back < a[0] < back + 6]
+        assert after and all(stored for _, _, stored, _ in after), f"storage did not resume after {start}"
 
 
 def test_the_bento_starts_with_postgresql_s3_and_mlflow_all_down_and_is_ready_within_10_s_of_their_return(
