@@ -78,13 +78,15 @@ def client_address(scope) -> str:
     return client[0] if client else "unknown"
 
 
-def sign_in_redirect(scope) -> dict[str, str]:
-    """Where a request without a session is sent: the sign-in form, and back after it (a page
-    asked for by GET; a form sent without a session goes back to the app's front page)."""
+async def to_sign_in(scope, send) -> None:
+    """Send a request without a (valid) session to the sign-in form, and back after it: to the
+    page asked for by GET; a form sent without a session goes back to the app's front page."""
     back = scope["path"] if scope["method"] == "GET" else f"{WEB_PREFIX}/"
     if scope["method"] == "GET" and scope.get("query_string"):
         back += "?" + scope["query_string"].decode("latin-1")
-    return {"location": f"{WEB_PREFIX}/sign-in?next={quote(back, safe='/')}"}
+    location = f"{WEB_PREFIX}/sign-in?next={quote(back, safe='/')}".encode()
+    await send({"type": "http.response.start", "status": 303, "headers": [(b"location", location)]})
+    await send({"type": "http.response.body", "body": b""})
 
 
 class ApiKeys:
@@ -144,12 +146,12 @@ class ApiKeys:
             return await self.app(scope, receive, send)
         digest = self.session_digest(scope)
         if digest is None:
-            await send({"type": "http.response.start", "status": 303, "headers": _raw(sign_in_redirect(scope))})
-            return await send({"type": "http.response.body", "body": b""})
-        await self._admit(digest, "client", scope, receive, send)
+            return await to_sign_in(scope, send)
+        await self._admit(digest, "client", scope, receive, send, web=True)
 
-    async def _admit(self, digest: str, needed: str, scope, receive, send) -> None:
-        """Let the holder of the key with this sha256 through, if it may call and is within its limits."""
+    async def _admit(self, digest: str, needed: str, scope, receive, send, web: bool = False) -> None:
+        """Let the holder of the key with this sha256 through, if it may call and is within its
+        limits (a web session whose key is unknown or revoked goes to the sign-in form)."""
         try:
             caller = await self._caller(digest, client_address(scope))
         except KeysUnavailableError:
@@ -158,7 +160,7 @@ class ApiKeys:
             message = f"too many unknown keys from {client_address(scope)}; retry in {error.wait_s} s"
             return await reply(send, 429, message, {"retry-after": str(error.wait_s)})
         if caller is None:
-            return await reply(send, 401, "unknown or revoked API key")
+            return await (to_sign_in(scope, send) if web else reply(send, 401, "unknown or revoked API key"))
         if not caller.may_act_as(needed):
             return await reply(send, 403, f"a {caller.role} key may not call {scope['path']}: it needs a {needed} key")
         if wait := await self._over_limit(self.rates[caller.role], caller.name):
@@ -206,10 +208,6 @@ class ApiKeys:
         else:
             self._good[digest] = (caller, now + KEY_CACHE_S)
         return caller
-
-
-def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(k.encode(), v.encode()) for k, v in headers.items()]
 
 
 def shared_storage(uri: str):

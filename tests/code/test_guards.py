@@ -124,6 +124,12 @@ async def _get(app, path: str) -> httpx.Response:
         return await http.get(path)
 
 
+def test_a_session_whose_key_was_revoked_goes_to_sign_in():
+    app = door(KeyDatabase(), session_digest=lambda scope: key_digest("insect_revoked"))
+    answer = asyncio.run(post(app, "/app/review/decide"))
+    assert answer.status_code == 303 and answer.headers["location"] == "/app/sign-in?next=/app/"
+
+
 def test_a_signed_in_session_is_checked_as_its_key_and_counts_against_its_limits():
     database = KeyDatabase()
     app = door(database, client_rate="2/minute", session_digest=lambda scope: key_digest(GOOD))

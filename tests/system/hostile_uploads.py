@@ -38,6 +38,8 @@ def hostile_uploads() -> dict[str, tuple[str, bytes, str]]:
         "1 px": ("a.png", _saved(Image.new("RGB", (1, 1)), "PNG"), "image/png"),
         "cmyk jpeg": ("a.jpg", _saved(photo.convert("CMYK"), "JPEG"), "image/jpeg"),
         "huge aspect": ("a.png", _saved(Image.new("RGB", (12_000, 2)), "PNG"), "image/png"),
+        # feedback refuses its size from the header: it is never decoded (a decode would fail: 415)
+        "huge aspect, truncated": ("a.png", _png_header_only(12_000, 2), "image/png"),
         "webp": ("a.webp", _saved(photo, "WEBP"), "image/webp"),
         "gif": ("a.gif", _saved(photo, "GIF"), "image/gif"),
         "mpo (phone jpeg)": ("a.jpg", _saved(photo, "MPO", save_all=True, append_images=[photo.rotate(90)]), "image/jpeg"),
@@ -57,6 +59,7 @@ EXPECTED = {
     "1 px": (200, 422),
     "cmyk jpeg": (200, 200),
     "huge aspect": (200, 422),
+    "huge aspect, truncated": (415, 422),
     "webp": (415, 415),
     "gif": (415, 415),
     "mpo (phone jpeg)": (200, 200),
