@@ -6,7 +6,7 @@ UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast data lint fmt clean up down status system-packages loadtest gpu-check
+.PHONY: demo test test-fast data lint fmt clean up down status system-packages loadtest hostile gpu-check
 
 $(UV):
 	python3 -m pip install --user --quiet uv || curl -LsSf https://astral.sh/uv/install.sh | sh
@@ -50,6 +50,11 @@ status: $(VENV)/.synced
 # The Bento under load (locust at 1, 16 and 64 users; run `make demo` first): benchmarks/LOAD.md
 loadtest: $(VENV)/.synced
 	$(PY) -m benchmarks.load
+
+# One good client beside made-up keys and slow uploads; a 200 MB form; made-up paths and /metrics
+# (the champion, else a tiny model): benchmarks/HOSTILE.md, exits 1 on a failed criterion
+hostile: $(VENV)/.synced
+	$(PY) -m benchmarks.hostile
 
 # The GPU path in one run: train, prune, tune, check and time on the GPU, serve one /predict;
 # a dry run where there is no GPU. Writes benchmarks/GPU_REPORT.md (`make gpu-check ARGS=--help`)

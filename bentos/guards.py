@@ -7,7 +7,9 @@ it. Each refusal is a JSON `{"error": "..."}` with its 4xx status.
   Retry-After over the key's rate limit (per role, a sliding window, the web app's requests
   included), 404 for a route that is not public; /metrics is an admin's. A key that is not known
   to be good costs its sender's address one try of a small budget before it is looked up; past
-  the budget, 429 without a lookup.
+  the budget, 429 without a lookup. A stranger's refusal (no key, an unknown key, no route, a
+  form sent without a session) is answered after a delay, so that a client looping on refusals
+  sends one a delay instead of thousands a second.
 - `Admission`: at most so many requests on the upload routes at once; one more gets 503 with
   Retry-After before its body is read. Every 503 the service answers carries Retry-After.
 - `BodyLimits`: every body has a limit of its route's (kilobytes unless the route takes an image):
@@ -22,9 +24,11 @@ import asyncio
 import json
 import logging
 import math
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from urllib.parse import parse_qs, quote
 
 from cachetools import LRUCache
@@ -49,6 +53,7 @@ RETRY_AFTER_S = "1"  # what a 503 tells a client to wait, in seconds
 STORE_TIMEOUT_S = 0.5  # a rate-limit store slower than this is treated as down
 KEY_CACHE_S = 5.0  # a revoked key is refused within this long; the database is asked once per key and period
 LOOKUP_TIMEOUT_S = 2.0  # a key database slower than this is treated as down
+MAX_HELD_STRANGERS = 1000  # refusals waiting out their delay at once; past that, answered at once
 KNOWN_KEY_WAIT_S = 0.25  # how long a good key's request waits for its check again before its last answer serves
 
 
@@ -104,12 +109,14 @@ class ApiKeys:
         unknown_key_limit: str,
         session_digest: Callable[[dict], str | None] = lambda scope: None,
         rate_limit_store: str = "memory://",
+        stranger_delay_s: float = 0.0,
     ):
         from limits import parse
         from limits.aio.storage import MemoryStorage
         from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
         self.app, self.authenticate, self.session_digest = app, authenticate, session_digest
+        self.stranger_delay_s, self._held = stranger_delay_s, 0
         self.route_roles = {**route_roles, **dict.fromkeys(ADMIN_ROUTES, "admin")}
         self.rates = {role: parse(rate) for role, rate in rate_limits.items()}  # e.g. "120/minute"
         self.unknown_key_rate = parse(unknown_key_limit)  # per client address
@@ -121,6 +128,7 @@ class ApiKeys:
         # key sha256 -> (caller, until when the answer holds); apart, so unknown keys never evict good ones
         self._good: LRUCache[str, tuple[Caller, float]] = LRUCache(MAX_CACHED_KEYS)
         self._unknown: LRUCache[str, float] = LRUCache(MAX_CACHED_KEYS)
+        self._looking_up: dict[str, asyncio.Future] = {}  # at most one lookup a key at once
         # lookups on threads of their own: a database that hangs holds these, not the ones uploads decode on
         self.lookups = ThreadPoolExecutor(2, thread_name_prefix="key-lookup")
 
@@ -132,10 +140,11 @@ class ApiKeys:
             return await self._web(scope, receive, send)
         needed = self.route_roles.get(path)
         if needed is None:
-            return await reply(send, 404, f"no route {path}; see /docs")
+            return await self._refuse_stranger(partial(reply, send, 404, f"no route {path}; see /docs"))
         key = presented_key(scope)
         if not key:
-            return await reply(send, 401, "send an API key: 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+            message = "send an API key: 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+            return await self._refuse_stranger(partial(reply, send, 401, message))
         await self._admit(key_digest(key), needed, scope, receive, send)
 
     async def _web(self, scope, receive, send) -> None:
@@ -145,8 +154,12 @@ class ApiKeys:
         if path in WEB_OPEN or path.startswith(WEB_OPEN_PREFIXES):
             return await self.app(scope, receive, send)
         digest = self.session_digest(scope)
-        if digest is None:
-            return await to_sign_in(scope, send)
+        if digest is None:  # a newcomer's page at once, within its address's budget; else as a stranger's
+            refusal = partial(to_sign_in, scope, send)
+            newcomer = scope["method"] == "GET" and not await self._over_limit(
+                self.unknown_key_rate, f"no-session:{client_address(scope)}"
+            )
+            return await (refusal() if newcomer else self._refuse_stranger(refusal))
         await self._admit(digest, "client", scope, receive, send, web=True)
 
     async def _admit(self, digest: str, needed: str, scope, receive, send, web: bool = False) -> None:
@@ -158,9 +171,10 @@ class ApiKeys:
             return await reply(send, 503, "API keys cannot be checked now; retry later", {"retry-after": RETRY_AFTER_S})
         except TooManyUnknownKeysError as error:
             message = f"too many unknown keys from {client_address(scope)}; retry in {error.wait_s} s"
-            return await reply(send, 429, message, {"retry-after": str(error.wait_s)})
+            return await self._refuse_stranger(partial(reply, send, 429, message, {"retry-after": str(error.wait_s)}))
         if caller is None:
-            return await (to_sign_in(scope, send) if web else reply(send, 401, "unknown or revoked API key"))
+            unknown = partial(to_sign_in, scope, send) if web else partial(reply, send, 401, "unknown or revoked API key")
+            return await self._refuse_stranger(unknown)
         if not caller.may_act_as(needed):
             return await reply(send, 403, f"a {caller.role} key may not call {scope['path']}: it needs a {needed} key")
         if wait := await self._over_limit(self.rates[caller.role], caller.name):
@@ -168,6 +182,19 @@ class ApiKeys:
             return await reply(send, 429, message, {"retry-after": str(wait)})
         scope.setdefault("state", {})["caller"] = caller
         await self.app(scope, receive, send)
+
+    async def _refuse_stranger(self, refusal: Callable[[], Awaitable[None]]) -> None:
+        """Send `refusal` after about `stranger_delay_s`, or at once while MAX_HELD_STRANGERS wait:
+        a waiting refusal holds a coroutine and its connection, nothing read, nothing asked. The
+        delay varies by half either way, so clients refused together do not come back together
+        (300 slow uploads in step came back as one burst a second)."""
+        if self._held < MAX_HELD_STRANGERS:
+            self._held += 1
+            try:
+                await asyncio.sleep(self.stranger_delay_s * random.uniform(0.5, 1.5))
+            finally:
+                self._held -= 1
+        await refusal()
 
     async def _over_limit(self, rate, name: str) -> int:
         """Seconds until `name` may call again; 0 when it may now (and the call is counted)."""
@@ -181,32 +208,42 @@ class ApiKeys:
 
     async def _caller(self, digest: str, address: str) -> Caller | None:
         """The caller holding the key with this sha256, asked of the database at most once per
-        KEY_CACHE_S. A key known to be good is asked again without a limit, and keeps its last
-        answer while the database is down or slow (a hanging one costs its requests a moment
-        each KEY_CACHE_S); any other costs `address` one try of its budget first, and an unknown
-        one is answered from memory for KEY_CACHE_S."""
+        KEY_CACHE_S, and once at a time: a burst of requests with one key (after a restart, say)
+        waits for the one lookup. A key known to be good is asked again without a limit; any
+        other costs `address` one try of its budget first, and an unknown one is answered from
+        memory for KEY_CACHE_S."""
         now = time.monotonic()
         known = self._good.get(digest)
         if known is not None and known[1] >= now:
             return known[0]
+        if (pending := self._looking_up.get(digest)) is not None:
+            return await asyncio.shield(pending)
         if known is None:
             if self._unknown.get(digest, 0.0) >= now:
                 return None
             if wait := await self._over_limit(self.unknown_key_rate, f"unknown-key:{address}"):
                 raise TooManyUnknownKeysError(wait)
+        self._looking_up[digest] = lookup = asyncio.ensure_future(self._look_up(digest, known))
+        lookup.add_done_callback(lambda _: self._looking_up.pop(digest, None))
+        return await asyncio.shield(lookup)
+
+    async def _look_up(self, digest: str, known: tuple[Caller, float] | None) -> Caller | None:
+        """Ask the database, and remember its answer. A key known to be good keeps its last
+        answer while the database is down or slow (a hanging one costs its requests a moment
+        each KEY_CACHE_S)."""
         lookup = asyncio.get_running_loop().run_in_executor(self.lookups, self.authenticate, digest)
         try:
             caller = await asyncio.wait_for(lookup, LOOKUP_TIMEOUT_S if known is None else KNOWN_KEY_WAIT_S)
         except Exception as error:
             if known is None:
                 raise KeysUnavailableError from error
-            self._good[digest] = (known[0], now + KEY_CACHE_S)  # asked again in a while, not by every request
+            self._good[digest] = (known[0], time.monotonic() + KEY_CACHE_S)  # asked again in a while, not by every request
             return known[0]
         if caller is None:
             self._good.pop(digest, None)
-            self._unknown[digest] = now + KEY_CACHE_S
+            self._unknown[digest] = time.monotonic() + KEY_CACHE_S
         else:
-            self._good[digest] = (caller, now + KEY_CACHE_S)
+            self._good[digest] = (caller, time.monotonic() + KEY_CACHE_S)
         return caller
 
 

@@ -489,6 +489,7 @@ InsectClassifier.add_asgi_middleware(
     unknown_key_limit=settings.serve.unknown_key_limit,
     session_digest=web.session_digest,
     rate_limit_store=settings.serve.rate_limit_store,
+    stranger_delay_s=settings.serve.stranger_delay_s,
 )
 UPLOADS = {"/predict", "/feedback", f"{web.PREFIX}/identify"}
 InsectClassifier.add_asgi_middleware(Admission, routes=UPLOADS, max_in_flight=settings.serve.max_in_flight)

@@ -163,8 +163,15 @@ class ServeConfig(Section):
     # requests per API key and sliding window, by role (limits' notation); JSON to override
     rate_limits: dict[str, str] = {"client": "120/minute", "labeler": "1200/minute", "admin": "1200/minute"}
     # lookups of keys not known to be good, per client address (a made-up key costs one; past
-    # this, 429 without touching the database); a good key, once seen, is not counted
+    # this, 429 without touching the database); a good key, once seen, is not counted. Web pages
+    # asked for without a session have a budget of this size of their own (then as a stranger's).
     unknown_key_limit: str = "30/minute"
+    # a stranger's refusal (no key, an unknown key, no route, a web form without a session) waits
+    # about this long, by half either way, before it is sent (1,000 at most at once): a client that
+    # loops on refusals then sends one every few seconds, not the 1,800 a second that took a good
+    # client's p99 from 20 to 450 ms. Beside 300 slow uploads, the good client's p99 was 3.0x its
+    # alone figure at 1 s, 2.0x at 2 s (benchmarks/HOSTILE.md has the run at the default).
+    stranger_delay_s: float = Field(2.0, ge=0)
     # the body limit of every POST route that takes no image (sign-in, review decisions, /model)
     max_form_bytes: int = Field(16 * 1024, ge=1024)
     # every MLflow call of the service (the alias watcher, the web app's pages) gives up after this

@@ -74,8 +74,7 @@ class LocalImageStore:
         partial.replace(path)  # atomic: a crash never leaves a truncated image under the key
 
     def check(self) -> None:
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"no image directory {self.root}")
+        self.root.mkdir(parents=True, exist_ok=True)  # what the first `put` does: raises where it could not
 
     def get(self, key: str) -> bytes | None:
         path = self.root / key

@@ -120,7 +120,8 @@ def post_feedback(
 
 def bento_env(data_dir: Path, port: int, database_url: str, s3_endpoint: str, bucket: str, **extra: str) -> dict[str, str]:
     """The service's settings for a test: tiny models, a registry in `data_dir`, the given
-    PostgreSQL and S3, a fast alias poll and rate limits no test reaches unless it sets its own."""
+    PostgreSQL and S3, a fast alias poll, and rate limits and a delay of strangers' refusals that
+    no test waits for unless it sets its own (the fuzzer sends hundreds of refused requests)."""
     return {
         **TINY_ENV,
         "INSECT_DATA_DIR": str(data_dir),
@@ -131,6 +132,7 @@ def bento_env(data_dir: Path, port: int, database_url: str, s3_endpoint: str, bu
         "INSECT_SERVE__RELOAD_INTERVAL_S": "1",
         "INSECT_SERVE__PORT": str(port),
         "INSECT_SERVE__RATE_LIMITS": json.dumps({role: "1000000/minute" for role in ("client", "labeler", "admin")}),
+        "INSECT_SERVE__STRANGER_DELAY_S": "0.05",
         **extra,
     }
 

@@ -1,5 +1,7 @@
 """The benchmark's measurements and report (the full run is `python -m benchmarks`)."""
 
+import contextlib
+import copy
 import json
 import time
 
@@ -7,8 +9,9 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import typer
 
-from benchmarks import learning
+from benchmarks import hostile, learning
 from benchmarks.__main__ import pruned_top1_by_seed
 from benchmarks.measure import Timing, peak_rss_during, time_calls, time_interleaved
 from benchmarks.report import write_report
@@ -96,3 +99,116 @@ def test_learning_benchmark_runs_rounds_gates_each_and_reports_what_it_measured(
     assert all(m["lab"]["total"] == 40 and m["field"]["total"] == 40 for m in results["seeds"])
     report = (tmp_path / "report" / "LEARNING.md").read_text()
     assert "| seed 1 |" in report and "| 16 | v0002 |" in report and (tmp_path / "report" / "learning.png").stat().st_size > 0
+
+
+def _hostile_results(p99_ms: float = 30.0, failed: int = 0, form_status: int = 413, form_sent: int = 70_000, grown: int = 0):
+    """`python -m benchmarks.hostile`'s results, made up: alone p99 10 ms, the other phases as given."""
+
+    def phase(p99: float, failed: int = 0) -> dict:
+        statuses = {"200": 100 - failed} | ({"503": failed} if failed else {})
+        quantiles = list(np.linspace(5, p99, len(hostile.QUANTILES)))
+        return {
+            "requests": 100,
+            "failed": failed,
+            "statuses": statuses,
+            "p50_ms": 5.0,
+            "p99_ms": p99,
+            "quantiles_ms": quantiles,
+            "service_cores": 1.0,
+        }
+
+    answers = {"HTTP/1.1 303 See Other": {"count": 900, "median_sent": 0, "max_sent": 120, "median_s": 0.01}}
+    forms = [
+        {
+            "framing": framing,
+            "bytes": 200_000_000,
+            "status_line": f"HTTP/1.1 {form_status} X",
+            "status": form_status,
+            "seconds": 0.01,
+            "sent": form_sent,
+        }
+        for framing in ("Content-Length", "chunked")
+    ]
+    metrics = {"status": 200, "bytes": 28_000, "samples": 400, "request_total_samples": 20}
+    return {
+        "phases": {"alone": phase(10.0), "made-up keys": phase(p99_ms, failed), "slow uploads": phase(12.0)},
+        "hostile": {
+            "made-up keys": {
+                "requests": 5000,
+                "statuses": {"401": 100, "429": 4900},
+                "connections": 64,
+                "processes": 4,
+                "cores": 0.8,
+                "window_s": 24,
+            },
+            "slow uploads": {
+                "uploads": 900,
+                "answers": answers,
+                "connections": 300,
+                "processes": 1,
+                "cores": 0.5,
+                "window_s": 24,
+            },
+        },
+        "big_forms": forms,
+        "unknown_paths": {
+            "requests": 2000,
+            "statuses": {"404": 2000},
+            "before": metrics,
+            "after": metrics | {"samples": 400 + grown},
+        },
+        "service": {
+            "model": {"backend": "tvm-cpu"},
+            "workers": 1,
+            "max_in_flight": 256,
+            "key_rate_limits": "none",
+            "unknown_key_limit": "30/minute",
+            "stranger_delay_s": 1.0,
+            "max_form_bytes": 16384,
+            "max_image_bytes": 5242880,
+            "database": "postgresql://x",
+            "image_store": "local files",
+        },
+        "date": "2026-12-07 12:00 UTC",
+        "machine": {"cores": 2, "cpu": "x86_64"},
+        "seconds": 20,
+        "served": "a model",
+    }
+
+
+@pytest.mark.parametrize(
+    ("changes", "failing"),
+    [
+        ({}, set()),
+        ({"p99_ms": 31.0}, {"made-up keys: p99 within 3x alone"}),
+        ({"failed": 1}, {"made-up keys: no failed requests"}),
+        (
+            {"form_status": 403},
+            {"200 MB form (Content-Length): 413 before it is read", "200 MB form (chunked): 413 before it is read"},
+        ),
+        (
+            {"form_sent": 100_000_000},
+            {"200 MB form (Content-Length): 413 before it is read", "200 MB form (chunked): 413 before it is read"},
+        ),
+        ({"grown": 3}, {"2000 made-up paths: /metrics keeps its samples"}),
+    ],
+)
+def test_hostile_benchmark_fails_each_criterion_it_should_and_exits_1(changes, failing, monkeypatch, tmp_path):
+    """The verdicts, the report and the exit status of `python -m benchmarks.hostile`, on made-up figures."""
+    results = _hostile_results(**changes)
+    monkeypatch.setattr(hostile, "served_model", lambda tmp: contextlib.nullcontext((None, None, "a model")))
+    monkeypatch.setattr(hostile, "measure", lambda *args: copy.deepcopy(results))
+    if failing:
+        with pytest.raises(typer.Exit) as exited:
+            hostile.main(report_dir=tmp_path)
+        assert exited.value.exit_code == 1
+    hostile.main(report_dir=tmp_path, fail=False)  # --no-fail: whatever failed, exit 0
+    written = json.loads((tmp_path / "hostile.json").read_text())
+    assert {name for name, ok in written["verdicts"].items() if not ok} == failing
+    assert len(written["verdicts"]) == 7 and written["passed"] == (not failing)
+    report = (tmp_path / "HOSTILE.md").read_text()
+    assert f"**{'FAIL' if failing else 'PASS'}**: {7 - len(failing)} of 7 criteria pass." in report
+    assert (
+        "| made-up keys | 100 |" in report and "401 × 100, 429 × 4900" in report and "| HTTP/1.1 303 See Other | 900 |" in report
+    )
+    assert all(f"**FAIL** {name}" in report for name in failing) and (tmp_path / "hostile.png").stat().st_size > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -159,3 +160,54 @@ def test_a_deeply_nested_json_body_and_an_overlong_file_name_are_400s():
     upload = {"image": ("a" * 300 + ".jpg", b"\xff\xd8", "image/jpeg")}
     answer = asyncio.run(post(limits(), "/predict", files=upload))
     assert answer.status_code == 400 and "over 255 characters" in answer.json()["error"]
+
+
+async def _timed_posts(app, keys: list[str | None]) -> list[tuple[int, float]]:
+    async def timed(key: str | None) -> tuple[int, float]:
+        started = time.monotonic()
+        answer = await post(app, "/predict", key)
+        return answer.status_code, time.monotonic() - started
+
+    return await asyncio.gather(*(timed(key) for key in keys))
+
+
+def test_a_strangers_refusal_waits_and_a_good_key_does_not():
+    app = door(KeyDatabase(), unknown_key_limit="1/minute", stranger_delay_s=0.4)
+    answers = asyncio.run(_timed_posts(app, [None, "insect_x1", "insect_x2"]))  # no key, unknown, over the budget
+    assert [status for status, _ in answers] == [401, 401, 429] and min(s for _, s in answers) >= 0.2
+    assert statuses(app, [GOOD], client="10.0.0.2") == [200]
+    (status, seconds), *_ = asyncio.run(_timed_posts(app, [GOOD]))
+    assert status == 200 and seconds < 0.2
+
+
+def test_no_more_than_so_many_refusals_wait_at_once(monkeypatch):
+    monkeypatch.setattr(guards, "MAX_HELD_STRANGERS", 2)
+    app = door(KeyDatabase(), stranger_delay_s=0.6)
+    answers = asyncio.run(_timed_posts(app, [None] * 5))
+    assert sorted(seconds < 0.2 for _, seconds in answers) == [False, False, True, True, True]
+
+
+def test_pages_asked_for_without_a_session_go_to_sign_in_at_once_within_their_addresss_budget():
+    app = door(KeyDatabase(), unknown_key_limit="3/minute", stranger_delay_s=0.6)
+
+    async def timed_pages() -> list[float]:
+        times = []
+        for _ in range(5):
+            started = time.monotonic()
+            assert (await _get(app, "/app/")).status_code == 303
+            times.append(time.monotonic() - started)
+        return times
+
+    assert [seconds < 0.2 for seconds in asyncio.run(timed_pages())] == [True, True, True, False, False]
+
+
+def test_a_burst_of_one_key_costs_one_lookup_and_none_of_its_addresss_budget():
+    """32 clients sharing a key, all at once after a restart, got 429s: each counted as unknown."""
+    database = KeyDatabase()
+    app = door(database, unknown_key_limit="2/minute")
+
+    async def burst() -> list[int]:
+        return [answer.status_code for answer in await asyncio.gather(*(post(app, "/predict", GOOD) for _ in range(32)))]
+
+    assert asyncio.run(burst()) == [200] * 32
+    assert database.lookups == [key_digest(GOOD)]

@@ -349,13 +349,13 @@ def _endpoint_labels(server) -> set[str]:
     return set(re.findall(r'endpoint="([^"]*)"', response.text))
 
 
-def test_metrics_are_an_admins_and_2000_made_up_paths_add_no_label(server):
+def test_metrics_are_an_admins_and_made_up_paths_add_no_label(server):
     for role in (None, "client", "labeler"):
         assert httpx.get(f"{server['base']}/metrics", headers=server.get(role, {}), timeout=10).status_code in (401, 403)
 
     async def made_up_paths() -> None:
         async with httpx.AsyncClient(base_url=server["base"], timeout=30, limits=httpx.Limits(max_connections=16)) as http:
-            for start in range(0, 1000, 50):
+            for start in range(0, 200, 50):  # refused as strangers' (after a delay): benchmarks.hostile sends 2,000
                 await asyncio.gather(*(http.get(f"/no-such-route-{start + i}") for i in range(50)))
                 await asyncio.gather(*(http.get(f"/app/no-such-page-{start + i}") for i in range(50)))
 
