@@ -120,10 +120,13 @@ def test_1000_feedback_posts_retried_through_two_sigkills_land_exactly_once(bent
                     retries += 1
                     await asyncio.sleep(0.2)
 
+    clients_done = threading.Event()  # a failed client must not leave this thread waiting (pytest would never exit)
+
     def crash_twice() -> None:
         for after in (250, 600):
             while len(answers) < after:
-                time.sleep(0.05)
+                if clients_done.wait(0.05):
+                    return
             server.kill()
             server.start().wait_ready()
 
@@ -135,8 +138,11 @@ def test_1000_feedback_posts_retried_through_two_sigkills_land_exactly_once(bent
 
     killer = threading.Thread(target=crash_twice)
     killer.start()
-    asyncio.run(run())
-    killer.join()
+    try:
+        asyncio.run(run())
+    finally:
+        clients_done.set()
+        killer.join()
 
     assert len(answers) == 1000 and len(set(answers.values())) == 1000
     engine = sa.create_engine(get_settings().feedback.database_url)
