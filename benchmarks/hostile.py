@@ -284,7 +284,9 @@ def served_model(tmp: Path) -> Iterator[tuple[Settings, Path, str]]:
         configure(settings)
         champion = version_by_alias(settings.registered_model_name, settings.serve.alias)
     if champion is not None:
-        yield settings, settings.base_dataset_dir, f"{champion.name} v{champion.version}, the registry's {settings.serve.alias}"
+        served = f"{champion.name} v{champion.version}, the registry's {settings.serve.alias}"
+        with embedded_database_left_as_found(settings):
+            yield settings, settings.base_dataset_dir, served
         return
     os.chmod(tmp, 0o755)  # an embedded PostgreSQL runs as `postgres` when we are root
     dataset = generate_synthetic(
@@ -300,19 +302,29 @@ def served_model(tmp: Path) -> Iterator[tuple[Settings, Path, str]]:
         get_settings.cache_clear()
         try:
             settings = get_settings()
-            configure(settings)
-            version = register_tiny_model(read_classes(dataset), seed=0)
-            alias = settings.serve.alias
-            yield (
-                settings,
-                dataset,
-                f"an untrained tiny model, v{version} of a temp registry (no {alias!r} version in {registry})",
-            )
+            with embedded_database_left_as_found(settings):
+                configure(settings)
+                version = register_tiny_model(read_classes(dataset), seed=0)
+                alias = settings.serve.alias
+                yield (
+                    settings,
+                    dataset,
+                    f"an untrained tiny model, v{version} of a temp registry (no {alias!r} version in {registry})",
+                )
         finally:
-            if not settings.feedback.database_url and postgres.is_running(settings.postgres_dir):
-                db.engine(settings).dispose()
-                postgres.stop(settings.postgres_dir)
             get_settings.cache_clear()
+
+
+@contextlib.contextmanager
+def embedded_database_left_as_found(settings: Settings) -> Iterator[None]:
+    """The embedded PostgreSQL cluster stopped again afterwards, if the run started it."""
+    running_before = bool(settings.feedback.database_url) or postgres.is_running(settings.postgres_dir)
+    try:
+        yield
+    finally:
+        if not running_before and postgres.is_running(settings.postgres_dir):
+            db.engine(settings).dispose()
+            postgres.stop(settings.postgres_dir)
 
 
 def main(
