@@ -32,7 +32,7 @@ class StorageLane:
     call failed: callers that can do without storage (a prediction) skip it then instead of
     each waiting for the outage's timeout. The monitor probes each of `checks` every `retry_s`
     on a thread of its own: a store that hangs (a stopped, not killed, server) holds that one
-    thread, never a storage thread or a request."""
+    thread, never a storage thread or a request. `close()` stops the monitor and the threads."""
 
     def __init__(
         self,
@@ -46,6 +46,7 @@ class StorageLane:
         self.health = dict.fromkeys(self.checks, True)  # what the monitor found last (its first look is at once)
         self._probes: dict[str, threading.Thread] = {}
         self._failed_at = -float("inf")
+        self._closed = threading.Event()
         if self.checks:
             threading.Thread(target=self._monitor, name="storage-monitor", daemon=True).start()
 
@@ -57,16 +58,26 @@ class StorageLane:
         call = asyncio.get_running_loop().run_in_executor(self.pool, partial(fn, *args, **kwargs))
         try:
             return await asyncio.wait_for(call, self.timeout_s)
-        except (*OUTAGES, TimeoutError) as error:
+        except OUTAGES as error:  # a timeout is an OSError too
             self._failed_at = time.monotonic()
             logger.warning("feedback storage failed: %s: %s", type(error).__name__, (str(error).splitlines() or [""])[0])
             raise ServiceUnavailable(f"feedback storage is unavailable, retry later ({type(error).__name__})") from error
 
+    def close(self) -> None:
+        self._closed.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> StorageLane:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def _monitor(self) -> None:
-        while True:
+        while not self._closed.is_set():
             for name, check in self.checks.items():
                 self.health[name] = self._probe(name, check)
-            time.sleep(self.retry_s)
+            self._closed.wait(self.retry_s)
 
     def _probe(self, name: str, check: Callable[[], None]) -> bool:
         """Whether `check` returned within the timeout. A probe still hanging from before counts

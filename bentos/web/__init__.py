@@ -38,6 +38,7 @@ from mlflow.exceptions import MlflowException
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import cookie_parser
 
+from bentos.guards import header
 from config import Settings, get_settings
 from config.private import write_private
 from feedback import db, review
@@ -90,8 +91,7 @@ def session_digest(scope) -> str | None:
     """The sha256 of the key a request's session signed in with, read from its cookie as
     Starlette's SessionMiddleware signs it; None without a cookie, for a session that has not
     signed in, and for a cookie that is forged or older than SESSION_HOURS. No I/O."""
-    cookies = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"cookie"), "")
-    cookie = cookie_parser(cookies).get(SESSION_COOKIE)
+    cookie = cookie_parser(header(scope, b"cookie") or "").get(SESSION_COOKIE)
     if not cookie:
         return None
     try:
