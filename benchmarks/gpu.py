@@ -410,7 +410,7 @@ def serving(check: Check) -> str:
     model_config = {"classes": read_classes(data), "image_size": model.image_size}
     run = RunLog.start(settings, run_name="gpu check: serve")
     artifacts = {EXPORTED_KEY: exported, cuda_key(check.arch): library}
-    registered = register_model(settings.registered_model_name, artifacts, model_config, {}, run)
+    registered = register_model(settings, artifacts, model_config, {}, run)
     promote(settings.registered_model_name, registered.version)
     engine = db.engine(settings)  # the embedded cluster under the check's data dir, migrated
     key = keys.key_in_file(engine, check.work / "api.key", name="gpu-check", role="client").read_text().strip()

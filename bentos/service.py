@@ -255,7 +255,7 @@ class InsectClassifier:
         current = version_by_alias(self.name, settings.serve.alias)
         if current is None or (self.served and self.served.version == str(current.version)):
             return
-        self.served = load_verified(self.name, settings.serve.alias, settings.serve.backend)
+        self.served = load_verified(settings, settings.serve.alias, settings.serve.backend)
         settle_heap()
         logger.info("serving %s v%s (%s)", self.name, self.served.version, self.served.backend)
 

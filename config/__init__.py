@@ -241,6 +241,15 @@ class StackConfig(Section):
     start_timeout_s: float = 180.0  # per service, until its health check passes
 
 
+class SigningConfig(Section):
+    """Model-version signatures (registry/signing.py): the training tasks sign with the private
+    key; every loader trusts only the public keys listed in the trusted-keys file (OpenSSH
+    lines). Unset: both under `<data_dir>/keys`, made by `python -m registry signing-key create`."""
+
+    key_file: Path | None = None  # only the processes that register models may read it
+    trusted_keys_file: Path | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INSECT_", env_nested_delimiter="__", extra="ignore", protected_namespaces=())
 
@@ -265,6 +274,7 @@ class Settings(BaseSettings):
     serve: ServeConfig = ServeConfig()
     stack: StackConfig = StackConfig()
     retry: RetryConfig = RetryConfig()
+    signing: SigningConfig = SigningConfig()
 
     @property
     def base_dataset_dir(self) -> Path:
@@ -317,6 +327,14 @@ class Settings(BaseSettings):
     def stack_dir(self) -> Path:
         """`make up`'s services: their data, logs, generated secrets and supervisord's files."""
         return self.data_dir / "stack"
+
+    @property
+    def signing_key_file(self) -> Path:
+        return self.signing.key_file or self.data_dir / "keys" / "model-signing.key"
+
+    @property
+    def trusted_keys_file(self) -> Path:
+        return self.signing.trusted_keys_file or self.data_dir / "keys" / "trusted-model-keys.pub"
 
     @property
     def work_dir(self) -> Path:

@@ -43,7 +43,7 @@ def watch(settings: Settings, run: RunLog) -> DriftReport | None:
     """Test the newest predictions for drift; None (and why, in the log) when there is nothing to test."""
     cfg, engine = settings.drift, db.engine(settings)
     configure(settings)
-    champion = load_verified(settings.registered_model_name, CHAMPION)
+    champion = load_verified(settings, CHAMPION)
     size = champion.model.image_size if champion else 0
     store = image_store(settings)
     images = {}  # prediction id -> pixels; a missing or undecodable image is left out, not fatal

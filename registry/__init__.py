@@ -28,15 +28,18 @@ from config import GateConfig, Settings
 from ml.results import WARM_START_ARTIFACT, CompileResult, Evaluation, ValidationSummary
 from ml.runtime import PredictFn
 from ml.tracking import RunLog, configure
+from registry import signing
 from registry.gate import GateDecision, decide
 from registry.pyfunc import SpeciesClassifierModel
+from registry.signing import UntrustedModelError
 
 logger = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PROMOTED_AT = "promoted_at"
 GATE_TAG = "gate"  # the gate's decision, with its statistics, as JSON on each version
-FILES_TAG = "sha256.files"  # {path: sha256} of every file of a version's logged model, as JSON
+MANIFEST_TAG = "manifest"  # what was registered: name, version, run and every file's sha256, as JSON
+SIGNATURE_TAG = "manifest.signature"  # the training tasks' signature of the manifest (registry/signing.py)
 
 
 def sha256(path: Path) -> str:
@@ -53,13 +56,15 @@ def file_hashes(root: Path) -> dict[str, str]:
     return {path.relative_to(root).as_posix(): sha256(path) for path in sorted(root.rglob("*")) if path.is_file()}
 
 
-def register_model(name: str, artifacts: dict[str, Path], model_config: dict, tags: dict[str, str], run: RunLog) -> ModelVersion:
-    """Log the artifacts as one pyfunc model in `run` and register it as a new version of
-    `name`, tagged with `tags` and the sha256 of every file of the logged model (`FILES_TAG`),
-    and aliased `challenger`.
+def register_model(
+    settings: Settings, artifacts: dict[str, Path], model_config: dict, tags: dict[str, str], run: RunLog
+) -> ModelVersion:
+    """Log the artifacts as one pyfunc model in `run`, register it as a new version of the
+    configured model, tagged with `tags` and its signed manifest, and alias it `challenger`.
 
     `model_config` holds `classes`, `image_size` and `tvm_llvm_target` (the CPU the library was
     built for)."""
+    name = settings.registered_model_name
     with mlflow.start_run(run_id=run.run_id):
         info = mlflow.pyfunc.log_model(
             name="classifier",
@@ -69,15 +74,52 @@ def register_model(name: str, artifacts: dict[str, Path], model_config: dict, ta
             pip_requirements=[f"{p}=={package_version(p)}" for p in ("mlflow", "torch", "apache-tvm", "numpy")],
             registered_model_name=name,
         )
+    version = str(info.registered_model_version)
     with tempfile.TemporaryDirectory(prefix="model-") as tmp:  # the files as stored, read back
         logged = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=tmp))
-        files = json.dumps(file_hashes(logged), sort_keys=True)
+        weights = _run_artifact(info.run_id, WARM_START_ARTIFACT, Path(tmp) / "warm")
+        manifest = {"name": name, "version": version, "run_id": info.run_id, "files": file_hashes(logged)}
+        manifest["warm_start"] = sha256(weights) if weights else None
     client = MlflowClient()
-    version = str(info.registered_model_version)
-    for key, value in {**tags, FILES_TAG: files}.items():
+    for key, value in {**tags, **_signed(settings, manifest)}.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)
     return client.get_model_version(name, version)
+
+
+def _run_artifact(run_id: str, artifact_path: str, dst_dir: Path) -> Path | None:
+    """A run's artifact, downloaded as stored; None when the run has none."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst_dir)))
+    except (MlflowException, OSError):
+        return None
+
+
+def _signed(settings: Settings, manifest: dict) -> dict[str, str]:
+    """The manifest and its signature, as the version's tags. A data directory with neither key
+    file (the demo's first registration) gets a key made here; any other lack is an error."""
+    key_file, trusted_file = settings.signing_key_file, settings.trusted_keys_file
+    if not key_file.exists() and not trusted_file.exists():
+        logger.info("created model-signing key %s at %s", signing.create_key(key_file, trusted_file), key_file)
+    payload = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    return {MANIFEST_TAG: payload, SIGNATURE_TAG: signing.sign(settings.signing_key_file, payload.encode())}
+
+
+def verified_manifest(settings: Settings, version: ModelVersion) -> dict:
+    """The version's manifest, once its signature is found to be a trusted key's and it names
+    this very version; UntrustedModelError otherwise."""
+    where = f"{version.name} v{version.version}"
+    if MANIFEST_TAG not in version.tags or SIGNATURE_TAG not in version.tags:
+        raise UntrustedModelError(f"{where} is not signed: only the training pipeline's register stage can serve a version")
+    try:
+        signing.verify(settings.trusted_keys_file, version.tags[MANIFEST_TAG].encode(), version.tags[SIGNATURE_TAG])
+    except UntrustedModelError as error:
+        raise UntrustedModelError(f"{where}: {error}") from None
+    manifest = json.loads(version.tags[MANIFEST_TAG])
+    if (manifest.get("name"), manifest.get("version")) != (version.name, str(version.version)):
+        # a genuine manifest copied from another version onto this one
+        raise UntrustedModelError(f"{where} carries the signed manifest of {manifest.get('name')} v{manifest.get('version')}")
+    return manifest
 
 
 def version_by_alias(name: str, alias: str) -> ModelVersion | None:
@@ -87,10 +129,6 @@ def version_by_alias(name: str, alias: str) -> ModelVersion | None:
         if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
-
-
-class ChecksumError(RuntimeError):
-    """A downloaded artifact is not the file that was registered."""
 
 
 @dataclass(frozen=True)
@@ -107,22 +145,21 @@ class ServedModel:
         return self.model.predict(None, batch)
 
 
-def load_verified(name: str, alias: str = CHAMPION, backend: str = "auto") -> ServedModel | None:
-    """Download the version `alias` points at, check that its files are exactly the ones
-    registered (MLmodel and the pickle the loader runs included: none changed, added or
-    missing), and load it; None when the alias is not set."""
+def load_verified(settings: Settings, alias: str = CHAMPION, backend: str = "auto") -> ServedModel | None:
+    """Download the version `alias` points at, check its signature, then that its files are
+    exactly the signed ones (MLmodel and the pickle the loader runs included: none changed,
+    added or missing), and only then load it; None when the alias is not set."""
+    name = settings.registered_model_name
     version = version_by_alias(name, alias)
     if version is None:
         return None
-    if FILES_TAG not in version.tags:
-        raise ChecksumError(f"{name} v{version.version} has no registered file hashes: register it again to serve it")
-    registered = json.loads(version.tags[FILES_TAG])
+    signed = verified_manifest(settings, version)["files"]
     with tempfile.TemporaryDirectory(prefix="model-") as tmp:
         # the logged model itself (models:/NAME/N would add a metadata file of MLflow's own)
         local = Path(mlflow.artifacts.download_artifacts(version.source, dst_path=tmp))
         actual = file_hashes(local)
-        if changed := sorted(path for path in registered.keys() | actual.keys() if registered.get(path) != actual.get(path)):
-            raise ChecksumError(f"{name} v{version.version}: {', '.join(changed)} differ from what was registered")
+        if changed := sorted(path for path in signed.keys() | actual.keys() if signed.get(path) != actual.get(path)):
+            raise UntrustedModelError(f"{name} v{version.version}: {', '.join(changed)} differ from what was signed")
         pyfunc = mlflow.pyfunc.load_model(str(local), model_config={"backend": backend})
         return ServedModel(name, str(version.version), pyfunc.unwrap_python_model())
 
@@ -200,8 +237,8 @@ def champion_predict_fn(settings: Settings) -> PredictFn | None:
     its check."""
     configure(settings)
     try:
-        served = load_verified(settings.registered_model_name, CHAMPION)
-    except ChecksumError as error:
+        served = load_verified(settings, CHAMPION)
+    except UntrustedModelError as error:
         logger.warning("%s; candidates are judged as if there were no champion until one is promoted", error)
         return None
     return None if served is None else served.predict
@@ -209,18 +246,40 @@ def champion_predict_fn(settings: Settings) -> PredictFn | None:
 
 def champion_weights(settings: Settings, dst_dir: Path) -> Path | None:
     """The trained (unpruned) weights behind the champion, from the run that made it, for a
-    retrain to warm-start from; None before the first champion or when its run kept none."""
+    retrain to warm-start from, once they are found to be the ones its signed manifest names;
+    None before the first champion, when its run kept none, and when they fail that check."""
     configure(settings)
     champion = version_by_alias(settings.registered_model_name, CHAMPION)
     if champion is None or not champion.run_id:
         return None
     try:
-        path = mlflow.artifacts.download_artifacts(
-            run_id=champion.run_id, artifact_path=WARM_START_ARTIFACT, dst_path=str(dst_dir)
-        )
-    except (MlflowException, OSError):  # a version registered before runs kept their weights
+        signed = verified_manifest(settings, champion).get("warm_start")
+        path = _run_artifact(champion.run_id, WARM_START_ARTIFACT, dst_dir) if signed else None
+        if path is None:  # its run kept no weights
+            return None
+        if sha256(path) != signed:
+            raise UntrustedModelError(f"{champion.name} v{champion.version}: {WARM_START_ARTIFACT} differs from what was signed")
+    except UntrustedModelError as error:
+        logger.warning("%s; the retrain starts from scratch", error)
         return None
-    return Path(path)
+    return path
+
+
+def resign_versions(settings: Settings) -> list[str]:
+    """Sign again, with the current key, every version whose signature a trusted key verifies
+    (a key rotation's middle step); returns them. Versions that fail verification stay as they are."""
+    client = MlflowClient()
+    resigned = []
+    for version in all_versions(settings.registered_model_name):
+        try:
+            manifest = verified_manifest(settings, version)
+        except UntrustedModelError as error:
+            logger.warning("%s; not signed again", error)
+            continue
+        for key, value in _signed(settings, manifest).items():
+            client.set_model_version_tag(version.name, str(version.version), key, value)
+        resigned.append(str(version.version))
+    return resigned
 
 
 def _with_champion_scores(settings: Settings, evaluation: Evaluation, dataset_dir: Path) -> Evaluation:
@@ -251,7 +310,7 @@ def register(
         "run_id": run.run_id,
         "config": json.dumps(trained_with, default=str),
     }
-    version = register_model(name, compiled.artifacts, model_config, tags, run)
+    version = register_model(settings, compiled.artifacts, model_config, tags, run)
     decision = gate(settings.gate, name, version.version, evaluation)
     improvement = decision.checks.get("improvement", {})
     run.metrics({"gate_promoted": float(decision.promoted), **({"gate_p_value": improvement["p_value"]} if improvement else {})})

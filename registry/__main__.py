@@ -14,12 +14,14 @@ from config import Settings, get_settings
 from config.cli import exit_on
 from ml.results import CompileResult, Evaluation, ValidationSummary
 from ml.tracking import RunLog, configure
-from registry import all_versions, gate_summary
+from registry import all_versions, gate_summary, resign_versions, signing
 from registry import promote as promote_version
 from registry import register as register_version
 from registry import rollback as rollback_champion
 
 app = typer.Typer(add_completion=False, help=__doc__)
+signing_key = typer.Typer(help="The key the register stage signs model versions with (README: Security).")
+app.add_typer(signing_key, name="signing-key")
 
 
 def _registry() -> Settings:
@@ -100,9 +102,32 @@ def logins() -> None:
             os.environ["MLFLOW_TRACKING_URI"],
             os.environ["MLFLOW_ADMIN_PASSWORD"],
             passwords,
+            get_settings().experiment_name,
             get_settings().registered_model_name,
         )
     typer.echo(f"MLflow logins: {', '.join(USERS)}; may promote: {', '.join(PROMOTERS)}")
+
+
+@signing_key.command("create")
+def create_signing_key() -> None:
+    """Create the signing key (an existing one is kept) and trust its public key. Run it where
+    the training tasks run; give the trusted-keys file to every service that loads models."""
+    settings = get_settings()
+    key = signing.create_key(settings.signing_key_file, settings.trusted_keys_file)
+    typer.echo(f"signing key {key}: {settings.signing_key_file} (private), trusted keys in {settings.trusted_keys_file}")
+
+
+@signing_key.command("rotate")
+def rotate_signing_key() -> None:
+    """Replace the signing key: every version a trusted key signed is signed again with the new
+    one, then only the new key is trusted (run again after a crash: it starts over)."""
+    settings = _registry()
+    with exit_on(signing.UntrustedModelError):
+        new = signing.replace_key(settings.signing_key_file, settings.trusted_keys_file)
+        resigned = resign_versions(settings)
+        signing.trust_only(settings.signing_key_file, settings.trusted_keys_file)
+    typer.echo(f"signing key {new}; signed again: {', '.join(f'v{v}' for v in resigned) or 'no version'}")
+    typer.echo(f"copy {settings.trusted_keys_file} to every service that loads models; only this key is trusted now")
 
 
 @app.command()

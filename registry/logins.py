@@ -30,10 +30,12 @@ class LoginsError(RuntimeError):
     """The MLflow server refused to create a login or grant a permission."""
 
 
-def create_logins(tracking_uri: str, admin_password: str, passwords: dict[str, str], model_name: str) -> None:
-    """Each of `USERS` with its password; `model_name` registered by airflow (its owner), so that
-    the Bento can ask for a champion before the first version (basic-auth answers a login that
-    asks for a model that does not exist 403, not 404); the promoters' right to its aliases.
+def create_logins(tracking_uri: str, admin_password: str, passwords: dict[str, str], experiment: str, model_name: str) -> None:
+    """Each of `USERS` with its password; the experiment and `model_name` created by airflow (their
+    owner) before any service starts: the first login to create either would own it, and a
+    read-only one that did (the Bento, a reviewer's `registry list`) left Airflow's runs
+    PERMISSION_DENIED; the Bento can also ask for a champion before the first version (basic-auth
+    answers 403, not 404, for a model that does not exist); the promoters' right to its aliases.
     Harmless again; an existing user is given its password again (how a new one takes effect)."""
     with httpx.Client(base_url=f"{tracking_uri.rstrip('/')}/api", auth=(ADMIN, admin_password), timeout=30) as mlflow:
         for user in USERS:
@@ -42,9 +44,13 @@ def create_logins(tracking_uri: str, admin_password: str, passwords: dict[str, s
             if "RESOURCE_ALREADY_EXISTS" in created.text:
                 created = mlflow.patch("/2.0/mlflow/users/update-password", json=login)
             _done_or_done_before(created, f"create the login {user!r} or set its password")
-        model = {"name": model_name}
+        as_airflow = ("airflow", passwords["airflow"])
         _done_or_done_before(
-            mlflow.post("/2.0/mlflow/registered-models/create", json=model, auth=("airflow", passwords["airflow"])),
+            mlflow.post("/2.0/mlflow/experiments/create", json={"name": experiment}, auth=as_airflow),
+            f"create the experiment {experiment!r}",
+        )
+        _done_or_done_before(
+            mlflow.post("/2.0/mlflow/registered-models/create", json={"name": model_name}, auth=as_airflow),
             f"register {model_name!r}",
         )
         for user in PROMOTERS:

@@ -20,6 +20,7 @@ import psycopg2
 from config import REPO_ROOT
 from config.private import write_private
 from feedback import postgres
+from registry import signing
 from registry.logins import LoginsError, auth_config, create_logins
 from stack.errors import StackError
 from stack.layout import AIRFLOW_ADMIN, BUCKETS, DATABASES, MLFLOW_USERS, Layout
@@ -174,7 +175,7 @@ def _mlflow(layout: Layout) -> Service:
             **layout.s3_keys(),  # its artifacts
         },
         before_start=partial(_write_mlflow_auth_config, layout),
-        after_healthy=partial(_create_mlflow_users, layout),
+        after_healthy=partial(_set_up_registry, layout),
     )
 
 
@@ -185,11 +186,16 @@ def _write_mlflow_auth_config(layout: Layout) -> None:
     write_private(layout.mlflow_auth_config, auth_config(f"sqlite:///{store}"))
 
 
-def _create_mlflow_users(layout: Layout) -> None:
+def _set_up_registry(layout: Layout) -> None:
+    """Before Airflow or the Bento start: the logins, the experiment and model owned by
+    `airflow`, and the key the training tasks sign model versions with."""
+    settings = layout.settings
+    signing.create_key(settings.signing_key_file, settings.trusted_keys_file)
     passwords = {user: layout.secrets[secret] for user, secret in MLFLOW_USERS.items()}
     admin_password = layout.secrets["mlflow_admin_password"]
     try:
-        create_logins(layout.url("mlflow"), admin_password, passwords, layout.settings.registered_model_name)
+        names = settings.experiment_name, settings.registered_model_name
+        create_logins(layout.url("mlflow"), admin_password, passwords, *names)
     except LoginsError as error:
         raise StackError(str(error)) from error
 

@@ -85,7 +85,7 @@ def register_tiny_model(classes: list[str], seed: int, champion: bool = True) ->
         torch.export.save(export(model), path)
         model_config = {"classes": classes, "image_size": model.image_size}
         run = RunLog.start(get_settings(), run_name="tiny model")
-        version = register_model(get_settings().registered_model_name, {EXPORTED_KEY: path}, model_config, {}, run)
+        version = register_model(get_settings(), {EXPORTED_KEY: path}, model_config, {}, run)
     if champion:
         promote(get_settings().registered_model_name, version.version)
     return str(version.version)

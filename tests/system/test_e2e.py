@@ -23,7 +23,7 @@ from feedback import db
 from feedback.images import image_key, image_store
 from ml.data import read_classes, read_split
 from ml.data.synthetic import user_photos
-from registry import CHAMPION, FILES_TAG
+from registry import CHAMPION, verified_manifest
 from tests.support import photo_bytes, post_feedback, register_tiny_model
 
 
@@ -89,7 +89,7 @@ def test_retrain_dag_registers_a_champion_trained_on_the_dataset_the_run_names(s
     champion = client.get_model_version_by_alias(settings.registered_model_name, CHAMPION)
     metrics = mlflow.get_run(champion.run_id).data.metrics
     assert {"lab_top1", "lab_top5", "lab_macro_f1", "lab_ece", "tvm_max_abs_diff"} <= set(metrics)
-    registered = json.loads(champion.tags[FILES_TAG])  # every file of the model, libraries and pickle included
+    registered = verified_manifest(settings, champion)["files"]  # every file of the model, libraries and pickle included
     assert {"MLmodel", "python_model.pkl"} <= registered.keys() and any(path.startswith("artifacts/") for path in registered)
     assert "dataset_digest" in champion.tags
     assert champion.tags["dataset_dir"] == str(settings.base_dataset_dir)

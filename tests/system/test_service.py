@@ -28,7 +28,7 @@ from feedback import db, keys
 from feedback.db import feedback as feedback_table
 from feedback.images import image_store
 from ml.data import read_classes, read_split
-from registry import FILES_TAG, promote
+from registry import SIGNATURE_TAG, promote
 from tests.support import BentoServer, bento_env, free_port, register_tiny_model
 from tests.system.hostile_uploads import EXPECTED, hostile_uploads
 
@@ -271,13 +271,13 @@ def test_a_champion_that_fails_to_load_is_logged_once_and_the_served_one_keeps_s
     """The watcher used to download a broken version again at every poll, logging each time."""
     name, before = get_settings().registered_model_name, _served(server)
     broken = register_tiny_model(server["classes"], seed=2, champion=False)
-    MlflowClient().set_model_version_tag(name, broken, FILES_TAG, "{}")  # as if its files had changed
+    MlflowClient().set_model_version_tag(name, broken, SIGNATURE_TAG, "0123456789abcdef:AAAA")  # no trusted key's
     promote(name, broken)
     try:
         time.sleep(8)  # 8 polls at INSECT_SERVE__RELOAD_INTERVAL_S=1: tries at about 1, 2, 4 and 8 s
         assert _served(server) == before
         log = server["log"].read_text()
-        assert log.count(f"could not load {name} v{broken}") == 1
+        assert log.count(f"could not load {name} v{broken}") == 1 and "signed by key 0123456789abcdef" in log
     finally:
         promote(name, before)
 
