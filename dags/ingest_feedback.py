@@ -54,6 +54,7 @@ def ingest_feedback():
 
     @task(outlets=[TRAINING_DATASET])
     def publish_version(staged: dict, *, outlet_events=None) -> str:
+        """A retry after a crash past the commit finishes the same version: one export, the same event."""
         from feedback.export import publish
 
         staging_dir, target_dir = Path(staged["staging_dir"]), Path(staged["target_dir"])

@@ -55,6 +55,7 @@ dataset_exports = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     sa.Column("dataset_dir", sa.Text, nullable=False),
     sa.Column("num_samples", sa.Integer, nullable=False),
+    sa.UniqueConstraint("dataset_dir", name="uq_dataset_exports_dataset_dir"),  # a version is recorded once
 )
 feedback = sa.Table(
     "feedback",
@@ -284,13 +285,34 @@ def exports(db: sa.Engine) -> list[sa.Row]:
 
 
 def mark_exported(db: sa.Engine, feedback_ids: list[int], dataset_dir: Path, num_samples: int) -> int:
-    """Record a published dataset version and the feedback it consumed, in one transaction."""
+    """Record a published dataset version and the feedback it consumed, in one transaction;
+    returns the export id. A version is recorded once (the unique `dataset_dir` decides, also
+    between concurrent publishes): recorded again with the same feedback, by a publish retried
+    after its commit, it returns the first record's id; with other feedback, it raises
+    FileExistsError (another publish took that version's name)."""
+    insert = postgresql.insert(dataset_exports).values(dataset_dir=str(dataset_dir), num_samples=num_samples)
     with db.begin() as conn:
         export_id = conn.execute(
-            dataset_exports.insert().values(dataset_dir=str(dataset_dir), num_samples=num_samples).returning(dataset_exports.c.id)
-        ).scalar_one()
-        conn.execute(feedback.update().where(feedback.c.id.in_(feedback_ids)).values(export_id=export_id))
+            insert.on_conflict_do_nothing(index_elements=["dataset_dir"]).returning(dataset_exports.c.id)
+        ).scalar()
+        if export_id is not None:
+            conn.execute(feedback.update().where(feedback.c.id.in_(feedback_ids)).values(export_id=export_id))
+            return export_id
+        export_id = conn.execute(_recorded(dataset_dir)).scalar_one()
+        consumed = conn.execute(sa.select(feedback.c.id).where(feedback.c.export_id == export_id)).scalars().all()
+    if sorted(consumed) != sorted(feedback_ids):
+        raise FileExistsError(f"{dataset_dir} is recorded by another publish (export {export_id}); stage again")
     return export_id
+
+
+def _recorded(dataset_dir: Path) -> sa.Select:
+    return sa.select(dataset_exports.c.id).where(dataset_exports.c.dataset_dir == str(dataset_dir))
+
+
+def export_of(db: sa.Engine, dataset_dir: Path) -> int | None:
+    """The id of the export that recorded the dataset version at `dataset_dir`, if any."""
+    with db.connect() as conn:
+        return conn.execute(_recorded(dataset_dir)).scalar()
 
 
 def feedback_in_dataset(db: sa.Engine, dataset_dir: str) -> int | None:

@@ -1,9 +1,11 @@
 """Feedback -> a new dataset version, in two steps so a version that fails validation is never
 published: `stage` screens each pending row (a bad one is quarantined with its reason, the rest go
-on) and writes the version next to the published ones; `publish` records the version and marks
-the feedback it consumed in one database transaction, then moves it into place. A run killed
-between the two leaves a recorded version still staged: the next run moves it in
-(`finish_interrupted_publish`), so no version is published twice and no row consumed twice."""
+on) and writes the version, sealed read-only (`ml.data.versions.seal`), next to the published
+ones; `publish` records the version and marks the feedback it consumed in one database
+transaction, then moves it into place. A publish killed after its commit is finished by its retry
+(Airflow's, with the same staged version), which records nothing twice and returns the same export
+id; a run killed for good leaves a recorded version still staged, which the next run moves in
+(`finish_interrupted_publish`). So no version is published twice and no row consumed twice."""
 
 from __future__ import annotations
 
@@ -75,11 +77,15 @@ def stage(settings: Settings) -> StagedVersion:
 
 def publish(settings: Settings, staging_dir: Path, target_dir: Path, feedback_ids: list[int], num_samples: int) -> int:
     """Record the staged version and mark its feedback consumed (one transaction), then move it
-    into place; returns the export id."""
-    if target_dir.exists():
-        raise FileExistsError(f"{target_dir} was published by another run; stage again")
-    export_id = db.mark_exported(db.engine(settings), feedback_ids, target_dir, num_samples)
-    staging_dir.rename(target_dir)
+    into place; returns the export id. Retried after a crash past the commit (or past the move),
+    it finds its own record, moves the version in if it is not yet, and returns the same id: the
+    publish task then emits the same Asset event as an uninterrupted one."""
+    engine = db.engine(settings)
+    if target_dir.exists() and db.export_of(engine, target_dir) is None:
+        raise FileExistsError(f"{target_dir} exists but no export records it; stage again")
+    export_id = db.mark_exported(engine, feedback_ids, target_dir, num_samples)
+    if not target_dir.exists():
+        staging_dir.rename(target_dir)
     return export_id
 
 

@@ -18,6 +18,7 @@ from config.cli import exit_on
 from ml import cli
 from ml.data import dataset_digest, manifest, read_classes
 from ml.data.ip102 import MAX_SIDE, MIN_SIDE
+from ml.data.versions import TamperedVersionError, verify
 from ml.results import ValidationSummary
 from ml.tracking import NO_RUN, RunLog
 
@@ -78,7 +79,11 @@ def _readable(results: list) -> str:
 def validate(settings: Settings, *, dataset_dir: Path, out_dir: Path, run: RunLog = NO_RUN) -> ValidationSummary:
     """Run the suite over the dataset at `dataset_dir`; raise DataValidationError with a readable
     report on failure. The full Great Expectations result is written to `out_dir` either way, and
-    logged with the dataset's digest and size."""
+    logged with the dataset's digest and size. A version changed since it was sealed fails too."""
+    try:
+        verify(dataset_dir)
+    except TamperedVersionError as error:
+        raise DataValidationError(str(error)) from error
     classes = read_classes(dataset_dir)
     table = profile(dataset_dir)
     context = gx.get_context(mode="ephemeral")

@@ -1,6 +1,13 @@
-"""Dataset versions: each one a complete IP102-layout directory (images hard-linked from its
-parent), with labelled samples added to the train split. Val and test stay the parent's, so
-every version is scored on the same lab images and models stay comparable across versions.
+"""Dataset versions: each one a complete IP102-layout directory, with labelled samples added to
+the train split. Val and test stay the parent's, so every version is scored on the same lab images
+and models stay comparable across versions.
+
+A version is immutable once built: `seal` lists every file's sha256 in `SHA256SUMS` (the format
+`sha256sum --check` reads) and makes the files and directories read-only. Images of a sealed
+parent are hard-linked (cheap, and a write through any link needs a chmod first); those of an
+unsealed one (the base dataset, which its owner may still edit) are copied. `verify` refuses a
+version whose files are no longer those it was sealed with: validation and training call it, and
+so does a build on it, which would otherwise seal a changed parent's files as data.
 
 A fixed share of the new images, chosen by their hash (so a retried build chooses the same),
 goes to the `field` split instead of train: the users' own photos, never trained on, on which
@@ -9,6 +16,7 @@ every later model is scored and gated. It only grows, version to version."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import shutil
@@ -22,6 +30,11 @@ from ml.data.ip102 import FIELD_SPLIT, SPLITS, manifest, read_classes, read_spli
 
 VERSION_PREFIX = "v"
 STAGING_SUFFIX = ".staging"
+CHECKSUMS = "SHA256SUMS"
+
+
+class TamperedVersionError(RuntimeError):
+    """A sealed version's files changed since it was sealed; the message names each file."""
 
 
 @dataclass(frozen=True)
@@ -59,11 +72,65 @@ def next_version(versions_dir: Path) -> Path:
     return versions_dir / f"{VERSION_PREFIX}{number:04d}"
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # another filesystem: copy instead
-        shutil.copy2(source, target)
+def _add_image(source: Path, target: Path, link: bool) -> None:
+    """Hard-link a sealed parent's image (read-only already), copy any other: a version must not
+    change when the base dataset's owner edits it, nor make their files read-only."""
+    if link:
+        try:
+            os.link(source, target)
+            return
+        except OSError:  # another filesystem: copy instead
+            pass
+    shutil.copyfile(source, target)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _file_sums(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` but its checksums, by path relative to `root`."""
+    files = (p for p in sorted(root.rglob("*")) if p.is_file() and p != root / CHECKSUMS)
+    return {str(p.relative_to(root)): _sha256(p) for p in files}
+
+
+def seal(root: Path) -> None:
+    """Record every file's sha256 in `SHA256SUMS`, then make every file (0444) and directory
+    (0555) read-only: a hard link shares its file's mode, so no version's image can be written
+    through another version's link without a chmod first."""
+    sums = _file_sums(root)
+    (root / CHECKSUMS).write_text("".join(f"{sha}  {name}\n" for name, sha in sums.items()))
+    for path in [*root.rglob("*"), root]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+
+
+def verify(root: Path) -> None:
+    """Raise TamperedVersionError naming every file of a sealed version that changed, went
+    missing or was added since `seal`. A dataset without checksums (the base dataset, a directory
+    made by hand) has no seal to check."""
+    if not (root / CHECKSUMS).is_file():
+        return
+    sealed = {name: sha for sha, name in (line.split("  ", 1) for line in (root / CHECKSUMS).read_text().splitlines())}
+    now = _file_sums(root)
+    changes = [
+        f"{name} {'added' if name not in sealed else 'missing' if name not in now else 'changed'}"
+        for name in sorted(sealed.keys() | now.keys())
+        if sealed.get(name) != now.get(name)
+    ]
+    if changes:
+        more = f" and {len(changes) - 20} more" if len(changes) > 20 else ""
+        raise TamperedVersionError(f"dataset version {root} differs from its {CHECKSUMS}: {', '.join(changes[:20])}{more}")
+
+
+def _remove(path: Path) -> None:
+    """Remove a staged version a retried stage builds again: its directories made writable first,
+    as `seal` left them (its files are left as they are: they may be links to a parent's)."""
+    if not path.exists():
+        return
+    for directory in [path, *(p for p in path.rglob("*") if p.is_dir())]:
+        directory.chmod(0o755)
+    shutil.rmtree(path)
 
 
 def _as_jpeg(data: bytes) -> bytes:
@@ -80,23 +147,25 @@ def in_field_holdout(sha256: str, share: float) -> bool:
 
 
 def build_version(parent: Path, samples: list[Sample], out: Path, field_share: float = 0.0) -> VersionSummary:
-    """Write `parent` plus `samples` (the last label per image wins) to `out`.
+    """Write `parent` plus `samples` (the last label per image wins) to `out`, sealed.
 
     An image already in val, test or field is skipped (training on it would leak into the
     scores); an image already in train gets the new label; a new image goes to the field split
     when `in_field_holdout`, to train otherwise."""
+    verify(parent)
     classes = read_classes(parent)
     table = manifest(parent)
     never_train = set(table.loc[table.split != "train", "sha256"])
     train_rows = table[table.split == "train"]
     train_file_by_sha = dict(zip(train_rows["sha256"], train_rows["file"], strict=True))
 
-    shutil.rmtree(out, ignore_errors=True)
+    _remove(out)
     (out / "images").mkdir(parents=True)
+    link = (parent / CHECKSUMS).is_file()
     for image in (parent / "images").iterdir():
-        _link_or_copy(image, out / "images" / image.name)
+        _add_image(image, out / "images" / image.name, link)
     for name in ["classes.txt", *(f"{s}.txt" for s in SPLITS if s != "train")]:
-        shutil.copy2(parent / name, out / name)
+        shutil.copyfile(parent / name, out / name)
 
     train = dict(read_split(parent, "train"))
     field = dict(read_split(parent, FIELD_SPLIT, optional=True))
@@ -125,6 +194,7 @@ def build_version(parent: Path, samples: list[Sample], out: Path, field_share: f
         if items or split == "train":
             (out / f"{split}.txt").write_text("".join(f"{file} {label}\n" for file, label in items.items()))
     _append_samples_csv(parent, out, rows)
+    seal(out)
     return VersionSummary(out, added=added, held_out=held, relabelled=relabelled, skipped=skipped)
 
 

@@ -26,6 +26,7 @@ import torch
 
 from config import Settings
 from ml.data import read_classes
+from ml.data.versions import verify
 from ml.model import SpeciesClassifier, build_coca
 from ml.results import WARM_START_ARTIFACT, TrainResult
 from ml.tracking import NO_RUN, RunLog
@@ -38,7 +39,10 @@ def train(
     settings: Settings, *, dataset_dir: Path, out_dir: Path, run: RunLog = NO_RUN, warm_start: Path | None = None
 ) -> TrainResult:
     """Both training stages on the dataset at `dataset_dir`, here or through the deepspeed
-    launcher; checkpoints, the classifier (`classifier.pt`) and its weights go to `out_dir`."""
+    launcher; checkpoints, the classifier (`classifier.pt`) and its weights go to `out_dir`. A
+    dataset version whose files changed since it was sealed is refused first (TamperedVersionError):
+    validation checked it, but the files may have changed since."""
+    verify(dataset_dir)
     if settings.train.world_size == 1 and settings.train.hostfile is None:
         return train_here(settings, dataset_dir=dataset_dir, out_dir=out_dir, run=run, warm_start=warm_start)
     from ml.train.launch import launch
