@@ -16,7 +16,11 @@ NAMES = (
     "airflow_jwt_secret",
     "airflow_api_secret_key",
     "s3_access_key",
-    "s3_secret_key",
+    "s3_secret_key",  # make up's S3 server: one key pair
+    # compose and Kubernetes: one S3 user per service, named insect-<service> (infra/minio/insect-*.json)
+    "s3_mlflow_secret_key",
+    "s3_bento_secret_key",
+    "s3_airflow_secret_key",
     "postgres_password",  # the superuser's, where a container image asks for one (compose)
     "redis_password",  # Celery's broker and the Bento's rate-limit counts
     "minio_root_password",  # compose's MinIO root; the services use the S3 keys of a user it limits to their buckets
@@ -34,13 +38,12 @@ ENV_NAMES = {name: name.upper() for name in NAMES} | {
 }
 
 
-S3_KEYS = ("s3_access_key", "s3_secret_key")
 # A Kubernetes workload's Secret holds only what it uses (`python -m stack env-file --workload W`).
 WORKLOADS = {
-    "mlflow": ("mlflow_db_password", "mlflow_admin_password", "mlflow_flask_secret_key", *S3_KEYS),
+    "mlflow": ("mlflow_db_password", "mlflow_admin_password", "mlflow_flask_secret_key", "s3_mlflow_secret_key"),
     "mlflow-logins": ("mlflow_admin_password", "mlflow_airflow_password", "mlflow_bento_password", "mlflow_reviewer_password"),
-    "bento": ("feedback_db_password", "mlflow_bento_password", "redis_password", *S3_KEYS),
-    "airflow-tasks": ("feedback_db_password", "mlflow_airflow_password", *S3_KEYS),
+    "bento": ("feedback_db_password", "mlflow_bento_password", "redis_password", "s3_bento_secret_key"),
+    "airflow-tasks": ("feedback_db_password", "mlflow_airflow_password", "s3_airflow_secret_key"),
     "airflow-admin": ("airflow_admin_password",),
     "redis": ("redis_password",),
 }
