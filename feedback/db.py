@@ -127,12 +127,37 @@ api_keys = sa.Table(
 )
 
 
+# The logins besides the database's owner (who alone migrates), with only the rights their work
+# uses: the Bento and its web app (rows, no DDL, the API keys read-only: a compromised service
+# cannot mint an admin key), and the key administrator (`python -m feedback keys`: the keys, and
+# the exports to read). The deploy creates them (postgres.create_role); `migrate` grants.
+SERVICE_ROLE, KEYS_ROLE = "insect_service", "insect_keys"
+ROLE_GRANTS = {
+    SERVICE_ROLE: (
+        "SELECT, INSERT, UPDATE, DELETE ON predictions, feedback, review_claims",
+        "SELECT ON dataset_exports, drift_scores, api_keys",
+        "USAGE ON ALL SEQUENCES IN SCHEMA public",
+    ),
+    KEYS_ROLE: ("SELECT, INSERT, UPDATE ON api_keys", "SELECT ON dataset_exports, feedback", "USAGE ON SEQUENCE api_keys_id_seq"),
+}
+
+
 def migrate(url: str) -> None:
-    """Bring the schema to the newest migration (a no-op when it is there already)."""
+    """Bring the schema to the newest migration (a no-op when it is there already), then give
+    the roles that exist their rights on it (again: a new table has none yet)."""
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url)
     command.upgrade(cfg, "head")
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            present = sa.text("SELECT rolname FROM pg_roles WHERE rolname = ANY(:names)")
+            for role in conn.execute(present, {"names": list(ROLE_GRANTS)}).scalars():
+                for grant in ROLE_GRANTS[role]:
+                    conn.execute(sa.text(f"GRANT {grant} TO {role}"))
+    finally:
+        engine.dispose()
 
 
 @cache

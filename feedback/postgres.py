@@ -144,6 +144,13 @@ def _create_database(cluster: Path, port: int) -> None:
         conn.close()
 
 
+def create_role(cur, name: str, password: str) -> None:
+    """A login role with `password`; one that exists gets the password again (how a new one takes effect)."""
+    cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
+    verb = "ALTER" if cur.fetchone() else "CREATE"
+    cur.execute(f"{verb} ROLE {name} LOGIN PASSWORD %s", (password,))
+
+
 def create_database(cur, name: str, owner: str | None = None) -> None:
     """CREATE DATABASE `name` unless it exists (the cursor's connection in autocommit)."""
     cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))

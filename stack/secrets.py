@@ -11,7 +11,9 @@ from config.private import write_private
 NAMES = (
     "airflow_db_password",
     "mlflow_db_password",
-    "feedback_db_password",  # one PostgreSQL role each
+    "feedback_db_password",  # one PostgreSQL role each; the feedback database's owner migrates it
+    "feedback_service_db_password",  # the Bento's role there: rows, no DDL, API keys read-only
+    "feedback_keys_db_password",  # the key administrator's role there: API keys only
     "airflow_admin_password",
     "airflow_jwt_secret",
     "airflow_api_secret_key",
@@ -42,7 +44,8 @@ ENV_NAMES = {name: name.upper() for name in NAMES} | {
 WORKLOADS = {
     "mlflow": ("mlflow_db_password", "mlflow_admin_password", "mlflow_flask_secret_key", "s3_mlflow_secret_key"),
     "mlflow-logins": ("mlflow_admin_password", "mlflow_airflow_password", "mlflow_bento_password", "mlflow_reviewer_password"),
-    "bento": ("feedback_db_password", "mlflow_bento_password", "redis_password", "s3_bento_secret_key"),
+    "feedback-migrate": ("feedback_db_password",),
+    "bento": ("feedback_service_db_password", "mlflow_bento_password", "redis_password", "s3_bento_secret_key"),
     "airflow-tasks": ("feedback_db_password", "mlflow_airflow_password", "s3_airflow_secret_key"),
     "airflow-admin": ("airflow_admin_password",),
     "redis": ("redis_password",),

@@ -10,3 +10,11 @@ CREATE ROLE :"database" LOGIN PASSWORD :'password';
 CREATE DATABASE :"database" OWNER :"database";
 SQL
 done
+# The feedback database's other logins (no database of their own): the Bento's and the key
+# administrator's. `python -m feedback migrate`, run as its owner, grants them their rights.
+for pair in insect_service:FEEDBACK_SERVICE_DB_PASSWORD insect_keys:FEEDBACK_KEYS_DB_PASSWORD; do
+    psql -v ON_ERROR_STOP=1 -v role="${pair%%:*}" -v password_var="${pair#*:}" --username "$POSTGRES_USER" <<'SQL'
+\getenv password :password_var
+CREATE ROLE :"role" LOGIN PASSWORD :'password';
+SQL
+done

@@ -155,7 +155,7 @@ def test_our_services_run_from_the_project_image_with_commands_from_its_environm
     build = COMPOSE["x-insect-image"]["build"]
     assert (REPO_ROOT / build["context"] / build["dockerfile"]).is_file()
     assert "ENV PATH=/app/.venv/bin:$PATH" in (REPO_ROOT / "infra" / "Dockerfile").read_text()
-    commands = [s["command"] for name, s in OUR_SERVICES.items() if name != "airflow-init"]
+    commands = [s.get("command") or s["entrypoint"] for name, s in OUR_SERVICES.items() if name != "airflow-init"]
     commands += [c["command"] for c in CONTAINERS]
     for command in commands:
         program = command[0]
@@ -390,12 +390,25 @@ def test_the_feedback_migrate_command_exists():
     assert "migrate" in {command.name or command.callback.__name__ for command in app.registered_commands}
 
 
+def _login_and_database(url: str) -> tuple[str, str]:
+    """`postgresql+psycopg2://LOGIN:PASSWORD@HOST/DB` -> (LOGIN, HOST/DB)."""
+    credentials, _, where = url.partition("://")[2].rpartition("@")
+    return credentials.partition(":")[0], where
+
+
 def test_compose_migrates_the_feedback_database_once_before_the_bento_starts():
-    """An init job runs `python -m feedback migrate` on the Bento's database once PostgreSQL is
-    healthy; the Bento (and Airflow, whose DAGs read it) waits for it to complete."""
+    """An init job runs `python -m feedback migrate` on the Bento's database, as its owner, once
+    PostgreSQL is healthy; the Bento (and Airflow, whose DAGs read it) waits for it to complete,
+    and connects as a role of its own; the key administrator's tool as another."""
     [name] = [name for name, service in OUR_SERVICES.items() if _is_feedback_migrate(service.get("command", []))]
     job, bento = COMPOSE["services"][name], COMPOSE["services"]["bento"]
-    assert job["environment"]["INSECT_FEEDBACK__DATABASE_URL"] == bento["environment"]["INSECT_FEEDBACK__DATABASE_URL"]
+    keys = COMPOSE["services"]["feedback-keys"]
+    logins = [_login_and_database(s["environment"]["INSECT_FEEDBACK__DATABASE_URL"]) for s in (job, bento, keys)]
+    assert logins == [
+        ("insect", "postgres:5432/insect"),
+        ("insect_service", "postgres:5432/insect"),
+        ("insect_keys", "postgres:5432/insect"),
+    ]
     assert job["depends_on"]["postgres"] == {"condition": "service_healthy"}
     assert "restart" not in job  # a job, not a service that stays up
     waits = {"condition": "service_completed_successfully"}
@@ -414,8 +427,9 @@ def test_kubernetes_has_a_job_migrating_the_bentos_feedback_database():
     def database(c: dict) -> str:
         return next(e["value"] for e in c["env"] if e["name"] == "INSECT_FEEDBACK__DATABASE_URL")
 
-    assert database(container) == database(served)
-    assert container["envFrom"] == served["envFrom"]  # the same Secret and endpoints as the Bento's
+    assert _login_and_database(database(container)) == ("insect", "$(POSTGRES_HOST):5432/insect")  # the owner migrates
+    assert _login_and_database(database(served)) == ("insect_service", "$(POSTGRES_HOST):5432/insect")
+    assert container["envFrom"][0] == {"secretRef": {"name": "insect-feedback-migrate"}}  # the owner's password: its own Secret
     init_containers = bento["spec"]["template"]["spec"].get("initContainers", [])
     assert not any(_is_feedback_migrate(c.get("command", [])) for c in init_containers)  # not once per replica
 
