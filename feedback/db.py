@@ -131,7 +131,7 @@ api_keys = sa.Table(
 # uses: the Bento and its web app (rows, no DDL, the API keys read-only: a compromised service
 # cannot mint an admin key), and the key administrator (`python -m feedback keys`: the keys, and
 # the exports to read). The deploy creates them (postgres.create_role); `migrate` grants.
-SERVICE_ROLE, KEYS_ROLE = "insect_service", "insect_keys"
+SERVICE_ROLE, KEYS_ROLE = postgres.SERVICE_ROLE, postgres.KEYS_ROLE
 ROLE_GRANTS = {
     SERVICE_ROLE: (
         "SELECT, INSERT, UPDATE, DELETE ON predictions, feedback, review_claims",

@@ -24,6 +24,8 @@ import psycopg2
 from config.private import write_private
 
 USER = DATABASE = "insect"
+# The feedback database's logins besides its owner (feedback.db.ROLE_GRANTS says what each may)
+SERVICE_ROLE, KEYS_ROLE = "insect_service", "insect_keys"
 # PostgreSQL refuses to run as root; as root, the server runs as this system account instead.
 SERVER_ACCOUNT = "postgres"
 DEBIAN_SERVERS = "/usr/lib/postgresql"

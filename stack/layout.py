@@ -11,6 +11,8 @@ from stack import secrets as stack_secrets
 
 # One PostgreSQL role and database per service, with the secret holding the role's password.
 DATABASES = {"airflow": "airflow_db_password", "mlflow": "mlflow_db_password", postgres.DATABASE: "feedback_db_password"}
+# The feedback database's logins besides its owner, with the secret holding each password.
+FEEDBACK_ROLES = {postgres.SERVICE_ROLE: "feedback_service_db_password", postgres.KEYS_ROLE: "feedback_keys_db_password"}
 AIRFLOW_ADMIN = "admin"
 # Set in every process the stack starts (to this stack's directory): `make down` finds stragglers by it.
 STACK_MARKER = "MAKE_UP_STACK_DIR"
@@ -51,6 +53,11 @@ class Layout:
     def database_url(self, database: str) -> str:
         password = self.secrets[DATABASES[database]]
         return f"postgresql+psycopg2://{database}:{password}@127.0.0.1:{self.settings.stack.postgres_port}/{database}"
+
+    def feedback_url(self, role: str) -> str:
+        """The feedback database, logged in as one of `FEEDBACK_ROLES`."""
+        password = self.secrets[FEEDBACK_ROLES[role]]
+        return f"postgresql+psycopg2://{role}:{password}@127.0.0.1:{self.settings.stack.postgres_port}/{postgres.DATABASE}"
 
     def ports(self) -> list[int]:
         """Every 127.0.0.1 port a service of the stack listens on."""

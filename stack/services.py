@@ -23,7 +23,7 @@ from feedback import postgres
 from registry import signing
 from registry.logins import LoginsError, auth_config, create_logins
 from stack.errors import StackError
-from stack.layout import AIRFLOW_ADMIN, BUCKETS, DATABASES, MLFLOW_USERS, Layout
+from stack.layout import AIRFLOW_ADMIN, BUCKETS, DATABASES, FEEDBACK_ROLES, MLFLOW_USERS, Layout
 
 BIN = Path(sys.executable).parent  # the project's virtual environment
 # Airflow's log servers listen on every interface, with no setting to bind them to 127.0.0.1. On
@@ -98,18 +98,19 @@ def _postgres_healthy(layout: Layout) -> bool:
 
 
 def _create_databases(layout: Layout) -> None:
-    """A role and a database per service; a role that exists gets its password again. Then the
-    feedback database's schema, migrated here once per start, before Airflow's tasks or the Bento
-    use it (the Bento's workers never migrate)."""
+    """A role and a database per service, and the feedback database's other logins (the Bento's,
+    the key administrator's); a role that exists gets its password again. Then the feedback
+    database's schema, migrated (and granted) here once per start by its owner, before Airflow's
+    tasks or the Bento use it (the Bento's workers never migrate)."""
     conn = _admin_connection(layout)
     conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
     try:
         with conn.cursor() as cur:
             for name, secret in DATABASES.items():
-                cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
-                verb = "ALTER" if cur.fetchone() else "CREATE"
-                cur.execute(f"{verb} ROLE {name} LOGIN PASSWORD %s", (layout.secrets[secret],))
+                postgres.create_role(cur, name, layout.secrets[secret])
                 postgres.create_database(cur, name, owner=name)
+            for role, secret in FEEDBACK_ROLES.items():
+                postgres.create_role(cur, role, layout.secrets[secret])
     finally:
         conn.close()
     from feedback import db  # Alembic and SQLAlchemy: only once the stack starts PostgreSQL
@@ -336,6 +337,8 @@ def _bento(layout: Layout) -> Service:
             "INSECT_SERVE__WORKERS": str(layout.settings.stack.bento_workers),
             "INSECT_SERVE__RATE_LIMIT_STORE": layout.redis_url(1),
             **layout.storage_secrets(),
+            # its own login: rows, no DDL, the API keys read-only (feedback.db.ROLE_GRANTS)
+            "INSECT_FEEDBACK__DATABASE_URL": layout.feedback_url(postgres.SERVICE_ROLE),
             **layout.mlflow_login("bento"),  # reads the registry, moves no alias
         },
     )
@@ -358,7 +361,7 @@ def _create_api_keys(layout: Layout) -> None:
     only its owner reads."""
     from feedback import db, keys
 
-    engine = db.engine_for(layout.database_url(postgres.DATABASE))
+    engine = db.engine_for(layout.feedback_url(postgres.KEYS_ROLE))
     for role in keys.ROLES:
         keys.key_in_file(engine, layout.keys / f"{role}.key", name=f"stack-{role}", role=role)
 

@@ -57,3 +57,12 @@ def test_the_key_administrators_role_manages_keys_and_nothing_else(roles):
     assert keys.revoke_key(admin, "made-by-the-key-role")
     assert _refused(admin, "DELETE FROM predictions")
     assert _refused(admin, "INSERT INTO review_claims (item, claimed_by, claimed_until) VALUES ('x', 'y', now())")
+
+
+def test_make_ups_bento_logs_into_the_feedback_database_as_the_services_role(tmp_path):
+    from config import Settings
+    from stack.layout import Layout
+    from stack.services import services
+
+    [bento] = [s for s in services(Layout(Settings(data_dir=tmp_path))) if s.name == "bento"]
+    assert bento.environment["INSECT_FEEDBACK__DATABASE_URL"].startswith(f"postgresql+psycopg2://{db.SERVICE_ROLE}:")
