@@ -6,7 +6,7 @@ UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast data lint fmt clean up down status system-packages loadtest hostile gpu-check
+.PHONY: demo test test-fast data lint fmt clean up down status system-packages loadtest hostile gpu-check docs docs-build
 
 $(UV):
 	python3 -m pip install --user --quiet uv || curl -LsSf https://astral.sh/uv/install.sh | sh
@@ -36,7 +36,7 @@ system-packages:
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); }
 
-# The platform as local services (PostgreSQL, S3, MLflow server, Airflow, the Bento): see README.
+# The platform as local services (PostgreSQL, S3, MLflow server, Airflow, the Bento): docs/services.md.
 # `make up EXECUTOR=celery WORKERS=2` runs Airflow's tasks on Celery workers (Redis as broker).
 up: $(VENV)/.synced data system-packages
 	$(if $(EXECUTOR),INSECT_STACK__EXECUTOR=$(EXECUTOR)) $(if $(WORKERS),INSECT_STACK__WORKERS=$(WORKERS)) $(PY) -m stack up
@@ -61,8 +61,9 @@ hostile: $(VENV)/.synced
 gpu-check: $(VENV)/.synced
 	scripts/gpu_check.sh $(ARGS)
 
-# Lint first: a style or import error fails in seconds, not after half an hour of tests.
-test: lint system-packages
+# Lint and the docs first: a style or import error or a broken link fails in seconds, not after
+# half an hour of tests.
+test: lint docs-build system-packages
 	$(VENV)/bin/pytest
 
 test-fast: $(VENV)/.synced
@@ -76,5 +77,13 @@ fmt: $(VENV)/.synced
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The documentation site (docs/, mkdocs.yml): served on 127.0.0.1:8000, rebuilt as you edit;
+# the strict build fails on a broken link, anchor or cross-reference (about 10 s).
+docs: $(VENV)/.synced
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
+
+docs-build: $(VENV)/.synced
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 clean:
-	rm -rf data
+	rm -rf data site

@@ -391,39 +391,3 @@ def _replay(body: bytes, receive):
         return {"type": "http.request", "body": body, "more_body": False}
 
     return replay
-
-
-def label_metrics_by_route(routes: set[str], prefixes: tuple[str, ...]) -> None:
-    """BentoML labels its request metrics with each request's raw path: 2,000 made-up paths grew
-    /metrics from 27.6 KB to 8.5 MB, memory that never comes back. From here on its metrics
-    middleware labels a request by its route when it is one of `routes`, by the first of
-    `prefixes` it starts with, else as "other"; the app behind it still sees the real path."""
-    from bentoml._internal.server.http import instruments
-
-    bentoml_metrics = instruments.RunnerTrafficMetricsMiddleware
-    if getattr(bentoml_metrics, "routes", None) is not None:  # already in place (a module imported twice)
-        bentoml_metrics = bentoml_metrics.__base__
-
-    class RouteLabelledMetrics(bentoml_metrics):
-        def __init__(self, app, **options):
-            super().__init__(_with_real_path(app), **options)
-
-        async def __call__(self, scope, receive, send) -> None:
-            if scope["type"] == "http":
-                path = scope["path"]
-                label = path if path in routes else next((p + "*" for p in prefixes if path.startswith(p)), "other")
-                scope = {**scope, "path": label, "insect.real_path": path}
-            await super().__call__(scope, receive, send)
-
-    RouteLabelledMetrics.routes = routes
-    # BentoML's app factory imports the class by name when it builds the app, after this ran
-    instruments.RunnerTrafficMetricsMiddleware = RouteLabelledMetrics
-
-
-def _with_real_path(app):
-    async def with_real_path(scope, receive, send) -> None:
-        if "insect.real_path" in scope:
-            scope = {**scope, "path": scope.pop("insect.real_path")}
-        await app(scope, receive, send)
-
-    return with_real_path

@@ -6,7 +6,7 @@
     GET  /health/storage   whether the database and the image store were up at their last probe
     /livez, /readyz, /metrics (an admin's), /docs.json: BentoML's own
 
-The model is the registry's `champion`, checked against its registered sha256 before use, and
+The model is the registry's `champion`, its signature and files checked before use (registry/), and
 swapped in place when the alias moves. The service starts without its stores: it is live at
 once, ready when the champion has loaded, and stores feedback whenever its stores answer.
 Predictions are batched across requests (`batching.py`);
@@ -20,54 +20,49 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
-import io
 import logging
 import os
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache, partial
-from http import HTTPStatus
 from importlib.metadata import version
 from pathlib import Path
 
-import attr
 import bentoml
-import mlflow
-import numpy as np
-import psutil
-import sqlalchemy as sa
-from bentoml._internal.service.openapi.specification import Info
-from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, ServiceUnavailable, UnprocessableEntity
+from bentoml.exceptions import InvalidArgument, NotFound, ServiceUnavailable, UnprocessableEntity
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from bentos import web
 from bentos.batching import Batched, Batcher
-from bentos.guards import OPEN_PATHS, Admission, ApiKeys, BodyLimits, label_metrics_by_route
-from bentos.request_timeout import disarm_answered_timers
+from bentos.guards import OPEN_PATHS, Admission, ApiKeys, BodyLimits
+from bentos.images import FORMATS, check_trainable_size, decode, decodes_inline, open_image
+from bentos.patches import describe_openapi, disarm_answered_timers, label_metrics_by_route
 from bentos.storage import StorageLane
 from config import get_settings
 from feedback import db
 from feedback.images import image_key, image_store
 from feedback.keys import Caller, caller_for_digest
-from ml.data.ip102 import MAX_SIDE, MIN_SIDE
-from registry import ServedModel, load_verified, version_by_alias
-from registry.pyfunc import preprocess
+
+with bentoml.importing():  # the serving runtime's own: `bentoml build` imports this module without them
+    import mlflow
+    import numpy as np
+    import psutil
+    import sqlalchemy as sa
+
+    from registry import ServedModel, load_verified, version_by_alias
+    from registry.pyfunc import preprocess
 
 logger = logging.getLogger("bentoml.insect")
 settings = get_settings()
-# MPO: what Pillow calls the JPEGs many phones write (a JPEG with a second, depth or preview, frame)
-FORMATS = {"JPEG": ("image/jpeg", ".jpg"), "MPO": ("image/jpeg", ".jpg"), "PNG": ("image/png", ".png")}
 MAX_RELOAD_DELAY_S = 3600.0  # the longest wait before a version that failed to load is tried again
 MAX_IDEMPOTENCY_KEY = 200  # characters of a client's Idempotency-Key header
 FORM_OVERHEAD_BYTES = 64 * 1024  # a request may carry this much besides the image: fields, part headers
-INLINE_DECODE_PIXELS = 256 * 256  # images up to this size are decoded on the event loop (0.4 ms here)
 PHASES = bentoml.metrics.Histogram(
     name="insect_request_phase_seconds",
     documentation="Where a request's time goes: upload_parse (from the door to the handler: body, form, "
@@ -103,62 +98,6 @@ class FeedbackReceipt(BaseModel):
     feedback_id: int
     image_location: str
     kind: str = Field(description="label (trains the next model) or suggestion (waits for a labeler)")
-
-
-class InputTooLarge(BentoMLException):
-    error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-
-
-class NotAnImage(BentoMLException):
-    error_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
-
-
-def open_image(upload: Path | bytes, max_bytes: int, max_pixels: int) -> tuple[bytes, Image.Image]:
-    """The upload's bytes (from the file BentoML wrote, or as they came) and the image with only
-    its header read (format, size); 4xx errors for anything else, a size over `max_pixels`
-    included. Cheap: nothing is decoded."""
-    size = upload.stat().st_size if isinstance(upload, Path) else len(upload)
-    if size == 0:
-        raise InvalidArgument("the uploaded image is empty")
-    if size > max_bytes:
-        raise InputTooLarge(f"the image is {size} bytes; the limit is {max_bytes}")
-    data = upload.read_bytes() if isinstance(upload, Path) else upload
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to twice its limit
-            image = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise InputTooLarge(f"the image decodes to too many pixels: {error}") from error
-    except (UnidentifiedImageError, OSError) as error:
-        raise NotAnImage(f"not a readable JPEG or PNG image: {error}") from error
-    if image.format not in FORMATS:
-        raise NotAnImage(f"{image.format} images are not accepted; send JPEG or PNG")
-    if image.width * image.height > max_pixels:
-        raise InputTooLarge(f"the image is {image.width}x{image.height} px; the limit is {max_pixels:,} pixels")
-    return data, image
-
-
-def decode(image: Image.Image) -> Image.Image:
-    """An opened image's pixels, read; 415 for data that does not decode (a truncated file)."""
-    try:
-        image.load()
-    except OSError as error:
-        raise NotAnImage(f"not a readable JPEG or PNG image: {error}") from error
-    return image
-
-
-def decodes_inline(image: Image.Image) -> bool:
-    """Whether an opened image is small enough to decode and preprocess on the event loop: for
-    the photos a phone app sends scaled down this takes under 0.5 ms, less than handing it to a
-    thread and waiting for the interpreter lock back under load."""
-    return image.width * image.height <= INLINE_DECODE_PIXELS
-
-
-def check_trainable_size(width: int, height: int) -> None:
-    """Feedback becomes training data: its sides must be within what the dataset suite accepts
-    (a prediction takes any size: it is resized)."""
-    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
-        raise UnprocessableEntity(f"the image is {width}x{height} px; feedback needs sides from {MIN_SIDE} to {MAX_SIDE} px")
 
 
 @contextmanager
@@ -521,17 +460,4 @@ needs an admin's. Bodies have limits (an image's on the upload routes, a form's 
 have images: bytes and pixels."""
 
 
-class _DescribedService(type(InsectClassifier)):
-    """BentoML's service, with this API's own title, version and description in its OpenAPI
-    document: BentoML fills them in with its boilerplate unless it serves a built Bento."""
-
-    __slots__ = ()  # the same layout as its base, so the service object can take this class
-
-    @property
-    def openapi_spec(self):
-        spec = super().openapi_spec
-        info = Info(title="Insect classifier", version=version("insect-mlops"), description=API_DESCRIPTION)
-        return attr.evolve(spec, info=info)
-
-
-InsectClassifier.__class__ = _DescribedService
+describe_openapi(InsectClassifier, title="Insect classifier", version=version("insect-mlops"), description=API_DESCRIPTION)

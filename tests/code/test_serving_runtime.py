@@ -17,7 +17,7 @@ from bentoml._internal.server.http.traffic import TimeoutMiddleware
 from PIL import Image
 
 from bentos.batching import Batcher
-from bentos.request_timeout import disarm_answered_timers
+from bentos.patches import disarm_answered_timers
 
 
 async def _answer(scope, receive, send) -> None:
@@ -142,3 +142,17 @@ def test_threads_get_the_interpreter_lock_back_within_the_configured_interval(mo
         assert sys.getswitchinterval() == pytest.approx(0.0005)
     finally:
         sys.setswitchinterval(default)
+
+
+def test_the_bentoml_patches_refuse_a_bentoml_they_were_not_written_for(monkeypatch):
+    """They replace BentoML internals verbatim: under another version they may break it silently."""
+    import importlib
+    import importlib.metadata
+
+    import bentos.patches
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.5.0" if name == "bentoml" else "0")
+    with pytest.raises(ImportError, match=r"patches BentoML 1\.4\.39's internals; this is 1\.5\.0"):
+        importlib.reload(bentos.patches)
+    monkeypatch.undo()
+    importlib.reload(bentos.patches)
