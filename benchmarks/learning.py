@@ -35,7 +35,7 @@ import numpy as np
 import typer
 from scipy.stats import binomtest
 
-from config import Settings
+from config import DriftConfig, Settings
 from ml.data import read_classes
 from ml.data.synthetic import Domain, class_sizes, generate_synthetic, user_photos
 from ml.data.versions import Sample, build_version
@@ -51,7 +51,7 @@ HERE = Path(__file__).parent
 ROUNDS = [50, 50, 100]  # corrected field photos per round: 50, 100 and 200 in all
 FRESH_PHOTOS = 300  # per domain, for the served model's top-1 and the drift test
 SEEDS = [0, 1, 2]
-DRIFT_WINDOW = 200  # photos per drift test, as the drift DAG's window
+DRIFT_WINDOW = DriftConfig().window  # photos per drift test: the drift DAG's window
 
 
 @dataclass

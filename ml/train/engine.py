@@ -157,7 +157,8 @@ def placed(batch: tuple, device: torch.device, dtype: torch.dtype) -> tuple:
 
 
 def deepspeed_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
-    """A DeepSpeed engine for `model`, with batch size, learning rate and schedule from `cfg`."""
+    """A DeepSpeed engine for `model`, with batch size, learning rate, weight decay and the
+    schedule's length from `cfg`: the JSON file holds only what DeepSpeed alone decides."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed  # late: importing it picks the accelerator from the environment set above
