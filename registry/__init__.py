@@ -75,10 +75,11 @@ def register_model(
             registered_model_name=name,
         )
     version = str(info.registered_model_version)
-    with tempfile.TemporaryDirectory(prefix="model-") as tmp:  # the files as stored, read back
-        logged = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=tmp))
-        weights = _run_artifact(info.run_id, WARM_START_ARTIFACT, Path(tmp) / "warm")
-        manifest = {"name": name, "version": version, "run_id": info.run_id, "files": file_hashes(logged)}
+    with tempfile.TemporaryDirectory(prefix="model-") as model, tempfile.TemporaryDirectory(prefix="warm-") as warm:
+        # the files as stored, read back, each into a directory of its own (the model's may be it)
+        files = file_hashes(Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=model)))
+        weights = _run_artifact(info.run_id, WARM_START_ARTIFACT, Path(warm))
+        manifest = {"name": name, "version": version, "run_id": info.run_id, "files": files}
         manifest["warm_start"] = sha256(weights) if weights else None
     client = MlflowClient()
     for key, value in {**tags, **_signed(settings, manifest)}.items():

@@ -9,6 +9,7 @@ import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from benchmarks.fixtures import register_tiny_model
 from ml.compile import build_static, export
 from ml.data import read_classes, read_split
 from ml.model import SpeciesClassifier, build_coca
@@ -33,7 +34,7 @@ from registry import (
 )
 from registry.__main__ import app
 from registry.signing import UntrustedModelError
-from tests.support import answers, register_tiny_model
+from tests.support import answers
 
 CLASSES = ["a", "b", "c"]
 
@@ -121,6 +122,7 @@ def test_a_retrain_warm_starts_from_the_signed_weights_of_the_run_that_made_the_
     _, files = _tiny_files(tmp_path)
     version = register_model(settings, files, {"classes": CLASSES, "image_size": 64}, {}, run)
     promote(settings.registered_model_name, version.version)
+    assert load_verified(settings).version == str(version.version)  # its weights are not taken for a file of the model
     downloaded = champion_weights(settings, tmp_path / "warm")
     assert downloaded.is_relative_to(tmp_path / "warm")
     assert torch.load(downloaded, weights_only=True)["classes"] == ["a"]
