@@ -1,8 +1,9 @@
 """`make up`: the platform as real services on this machine, run by supervisord.
 
 In start order, each health-checked before the next starts: PostgreSQL (Airflow's metadata,
-MLflow's store and the feedback tables, each in its own database and role) -> an S3 API (rclone's
-S3 server over files: MLflow artifacts and feedback images) -> Redis (the Bento's rate-limit
+MLflow's store and the feedback tables, each in its own database and role) -> S3 (rclone's S3
+servers over files, one per set of rights: MLflow's artifacts, the Bento's photos, the tasks'
+read-only view of them) -> Redis (the Bento's rate-limit
 counts; Celery's broker) -> the MLflow tracking server -> Airflow's api-server, scheduler, dag-processor and triggerer ->
 (CeleryExecutor: the workers) -> the Bento serving the champion.
 Everything lives under `<data dir>/stack/`: the services' data, one log per service in `logs/`,
@@ -121,7 +122,8 @@ class Stack(Layout):
             f"Bento API    {self.url('bento')}   Swagger UI at /, the OpenAPI document at /docs.json",
             f"Web app      {self.url('bento')}/app/   sign in with a key",
             f"             API keys in {self.keys}: client.key, labeler.key, admin.key",
-            f"S3 API       {self.url('s3')}   keys in {self.secrets_file} (s3_access_key, s3_secret_key)",
+            f"S3 API       {self.url('s3-mlflow')} (MLflow's), {self.url('s3-feedback')} (the Bento's photos), "
+            f"{self.url('s3-feedback-read')} (read-only, the tasks'); secret keys in {self.secrets_file}",
             (
                 f"PostgreSQL   127.0.0.1:{self.settings.stack.postgres_port}   databases {', '.join(DATABASES)}, "
                 "one role each (passwords in secrets.json)"

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from config import REPO_ROOT, get_settings
+from feedback import postgres
 from stack import Stack, StackError, secrets
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -58,11 +59,16 @@ def status() -> None:
 @app.command()
 def env() -> None:
     """Shell exports that point this shell's commands (`python -m registry`, `python -m feedback`,
-    mlflow, boto3) at the running stack: `eval "$(python -m stack env)"`."""
+    mlflow, curl) at the running stack, as the person promoting models: `eval "$(python -m stack
+    env)"`. The services' URLs, the API keys' folder, MLflow's `reviewer` login and the feedback
+    database as its key administrator (API keys, and the exports to read); no S3 key (model files
+    come through MLflow, with that login)."""
     stack = Stack(get_settings())
     typer.echo(f"# make up's stack under {stack.dir}")
     shell = {"BENTO_URL": stack.url("bento"), "STACK_KEYS": str(stack.keys)}  # for curl and the README's examples
     shell |= stack.mlflow_login("reviewer")  # a person's login: reads, and promotes
+    # `python -m feedback keys` and `exports` (README's stack blocks): no row of the service's to write
+    shell["INSECT_FEEDBACK__DATABASE_URL"] = stack.feedback_url(postgres.KEYS_ROLE)
     for key, value in (stack.addresses() | shell).items():
         typer.echo(f"export {key}={shlex.quote(value)}")
 

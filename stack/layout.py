@@ -3,6 +3,10 @@ environment every service starts with. Nothing here starts or touches a service.
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 from config import Settings
 from config.airflow import airflow_environment
 from feedback import postgres
@@ -16,10 +20,34 @@ FEEDBACK_ROLES = {postgres.SERVICE_ROLE: "feedback_service_db_password", postgre
 AIRFLOW_ADMIN = "admin"
 # Set in every process the stack starts (to this stack's directory): `make down` finds stragglers by it.
 STACK_MARKER = "MAKE_UP_STACK_DIR"
-BUCKETS = ("mlflow", "feedback")  # the S3 service's: MLflow's artifacts, the users' photos
+MLFLOW_BUCKET, FEEDBACK_BUCKET = "mlflow", "feedback"  # MLflow's artifacts, the users' photos
 # MLflow's logins besides its admin (registry.logins says who may do what), with the secret
 # holding each password.
 MLFLOW_USERS = {user: f"mlflow_{user}_password" for user in logins.USERS}
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """One of rclone's S3 servers (stack/s3.py): one bucket, or one prefix of it, for one S3 user."""
+
+    port: int
+    bucket: str
+    user: str  # one of secrets.S3_USERS: the only key pair it lets in
+    prefix: str = ""  # only this folder of the bucket is served: nothing outside it can be read or written
+    read_only: bool = False
+
+    def command(self, root: Path, secrets_file: Path) -> list[str]:
+        """How supervisord starts it: names and paths, no secret."""
+        options = [*(("--prefix", self.prefix) if self.prefix else ()), *(("--read-only",) if self.read_only else ())]
+        return [sys.executable, "-m", "stack.s3", str(self.port), str(root), self.bucket, self.user, str(secrets_file), *options]
+
+    @property
+    def segments(self) -> list[str]:
+        return [self.bucket, *(part for part in self.prefix.split("/") if part)]
+
+    def folder(self, root: Path) -> Path:
+        """The directory it serves: a folder the server cannot make, so made before it starts."""
+        return root.joinpath(*self.segments)
 
 
 class Layout:
@@ -36,14 +64,15 @@ class Layout:
         self.conf = self.dir / "supervisord.conf"
         self.socket = self.dir / "supervisor.sock"
         self.pid_file = self.dir / "supervisord.pid"
-        self.s3_dir = self.dir / "s3"  # a directory per bucket, a file per object
+        self.s3_dir = self.dir / "s3"  # a directory per bucket, a file per object, whichever server serves it
         self.secrets_file = self.dir / "secrets.json"
         self.mlflow_auth_config = self.dir / "mlflow" / "basic_auth.ini"  # its user store lives next to it
         self.secrets = stack_secrets.load_or_create(self.secrets_file)
 
     def url(self, service: str) -> str:
         ports = {
-            "s3": self.settings.stack.s3_port,
+            "s3": self.settings.stack.s3_port,  # the first S3 server, MLflow's (`s3-mlflow`)
+            **{name: server.port for name, server in self.s3_servers().items()},
             "mlflow": self.settings.stack.mlflow_port,
             "airflow": self.settings.stack.airflow_port,
             "bento": self.settings.serve.port,
@@ -64,12 +93,26 @@ class Layout:
         stack = self.settings.stack
         return [
             stack.postgres_port,
-            stack.s3_port,
+            *(server.port for server in self.s3_servers().values()),
             stack.redis_port,
             stack.mlflow_port,
             stack.airflow_port,
             self.settings.serve.port,
         ]
+
+    def s3_servers(self) -> dict[str, S3Server]:
+        """rclone's S3 servers by service name, each letting in one S3 user: rclone gives every
+        key pair it accepts the same rights, so each set of rights is a server of its own."""
+        stack = self.settings.stack
+        return {
+            # MLflow's artifacts: its server is their only S3 client; the tasks, the Bento and people
+            # reach them through it (--serve-artifacts, mlflow-artifacts:/ URIs) with their MLflow login
+            "s3-mlflow": S3Server(stack.s3_port, MLFLOW_BUCKET, "mlflow"),
+            # the users' photos: the Bento stores and reads them under its prefix, and nothing else
+            "s3-feedback": S3Server(stack.s3_feedback_port, FEEDBACK_BUCKET, "bento", prefix=self.settings.feedback.s3_prefix),
+            # the same photos, read-only: the tasks export them into dataset versions and watch drift
+            "s3-feedback-read": S3Server(stack.s3_feedback_read_port, FEEDBACK_BUCKET, "airflow", read_only=True),
+        }
 
     @property
     def celery(self) -> bool:
@@ -93,38 +136,52 @@ class Layout:
         }
 
     def addresses(self) -> dict[str, str]:
-        """Where the services are, and the keys to the storage: for a user's shell."""
-        return {**self._whereabouts(), **self.storage_secrets()}
+        """Where the services are, and no secret: for a person's shell."""
+        return self._whereabouts()
 
     def _whereabouts(self) -> dict[str, str]:
         return {
             "INSECT_DATA_DIR": str(self.settings.data_dir),
-            "INSECT_FEEDBACK__S3_BUCKET": "feedback",
-            "INSECT_FEEDBACK__S3_ENDPOINT_URL": self.url("s3"),
-            "MLFLOW_TRACKING_URI": self.url("mlflow"),  # the server, not the settings' local store
-            "MLFLOW_S3_ENDPOINT_URL": self.url("s3"),  # where the MLflow server keeps artifacts
-            "AWS_DEFAULT_REGION": "us-east-1",
+            "MLFLOW_TRACKING_URI": self.url("mlflow"),  # the server, not the settings' local store; artifacts too
         }
 
-    def s3_keys(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": self.secrets["s3_access_key"], "AWS_SECRET_ACCESS_KEY": self.secrets["s3_secret_key"]}
+    def s3_login(self, user: str) -> dict[str, str]:
+        """What an S3 client reads to sign in as `user` (`secrets.S3_USERS`)."""
+        access_key, secret = stack_secrets.S3_USERS[user]
+        return {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": self.secrets[secret], "AWS_DEFAULT_REGION": "us-east-1"}
 
-    def storage_secrets(self) -> dict[str, str]:
-        """The feedback database and the S3 keys: for the Bento and the DAGs' tasks."""
-        return {"INSECT_FEEDBACK__DATABASE_URL": self.database_url(postgres.DATABASE), **self.s3_keys()}
-
-    def airflow_secrets(self, *, tokens: bool = True) -> dict[str, str]:
-        """What an Airflow component needs: its database, with CeleryExecutor the broker, and (for
-        tasks) storage and the MLflow login `airflow`; with `tokens` the JWT secret and the API
-        server's key, which a Celery worker, running tasks with the tokens it is handed, has no use for."""
-        secrets = {
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database_url("airflow"),
-            **(self._celery_environment() if self.celery else {}),
-            **self.storage_secrets(),
-            **self.mlflow_login("airflow"),
+    def storage_secrets(self, user: str) -> dict[str, str]:
+        """The feedback database, and the feedback bucket through the S3 server that lets `user`
+        in: "bento" (its photos, read and written) or "airflow" (the DAGs' tasks: read-only)."""
+        [name] = [name for name, server in self.s3_servers().items() if server.bucket == FEEDBACK_BUCKET and server.user == user]
+        return {
+            "INSECT_FEEDBACK__DATABASE_URL": self.database_url(postgres.DATABASE),
+            "INSECT_FEEDBACK__S3_BUCKET": FEEDBACK_BUCKET,
+            "INSECT_FEEDBACK__S3_ENDPOINT_URL": self.url(name),
+            **self.s3_login(user),
         }
-        if tokens:
+
+    def airflow_database(self) -> dict[str, str]:
+        """All that Airflow's DAG processor and triggerer hold: they reach Airflow's API in process."""
+        return {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database_url("airflow")}
+
+    def airflow_secrets(
+        self, *, jwt: bool = True, api_key: bool = True, broker: bool = True, tasks: bool = True
+    ) -> dict[str, str]:
+        """What an Airflow component may hold, all of it by default: each of Airflow's services
+        asks only for its own (`stack.services`). Always Airflow's database; `broker`: with
+        CeleryExecutor, its broker and result store (the scheduler queues tasks, workers take
+        them); `jwt`: the secret that signs (the scheduler) and checks (the API server) the tasks'
+        tokens; `api_key`: the API server's own; `tasks`: what the DAGs' tasks use, the feedback
+        storage and MLflow's `airflow` login (it may promote), for the processes that run tasks."""
+        secrets = self.airflow_database()
+        if broker and self.celery:
+            secrets |= self._celery_environment()
+        if tasks:
+            secrets |= self.storage_secrets("airflow") | self.mlflow_login("airflow")
+        if jwt:
             secrets["AIRFLOW__API_AUTH__JWT_SECRET"] = self.secrets["airflow_jwt_secret"]
+        if api_key:
             secrets["AIRFLOW__API__SECRET_KEY"] = self.secrets["airflow_api_secret_key"]
         return secrets
 

@@ -17,9 +17,8 @@ NAMES = (
     "airflow_admin_password",
     "airflow_jwt_secret",
     "airflow_api_secret_key",
-    "s3_access_key",
-    "s3_secret_key",  # make up's S3 server: one key pair
-    # compose and Kubernetes: one S3 user per service, named insect-<service> (infra/minio/insect-*.json)
+    # one S3 user per service, named insect-<service>: make up's S3 servers (stack/s3.py), compose's
+    # and Kubernetes' MinIO users (infra/minio/insect-*.json)
     "s3_mlflow_secret_key",
     "s3_bento_secret_key",
     "s3_airflow_secret_key",
@@ -33,11 +32,11 @@ NAMES = (
     "mlflow_reviewer_password",
     "mlflow_flask_secret_key",  # signs the MLflow UI's CSRF tokens
 )
-# The variable each secret goes by in a deployment's .env: the AWS SDKs' names for the S3 keys.
-ENV_NAMES = {name: name.upper() for name in NAMES} | {
-    "s3_access_key": "AWS_ACCESS_KEY_ID",
-    "s3_secret_key": "AWS_SECRET_ACCESS_KEY",
-}
+# The variable each secret goes by in a deployment's .env.
+ENV_NAMES = {name: name.upper() for name in NAMES}
+# Each S3 user's access key id (a name, not a secret: compose's MinIO users are named alike) and
+# the secret holding its secret key.
+S3_USERS = {user: (f"insect-{user}", f"s3_{user}_secret_key") for user in ("mlflow", "bento", "airflow")}
 
 
 # A Kubernetes workload's Secret holds only what it uses (`python -m stack env-file --workload W`).

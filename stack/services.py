@@ -23,7 +23,7 @@ from feedback import postgres
 from registry import signing
 from registry.logins import LoginsError, auth_config, create_logins
 from stack.errors import StackError
-from stack.layout import AIRFLOW_ADMIN, BUCKETS, DATABASES, FEEDBACK_ROLES, MLFLOW_USERS, Layout
+from stack.layout import AIRFLOW_ADMIN, DATABASES, FEEDBACK_ROLES, MLFLOW_BUCKET, MLFLOW_USERS, Layout, S3Server
 
 BIN = Path(sys.executable).parent  # the project's virtual environment
 # Airflow's log servers listen on every interface, with no setting to bind them to 127.0.0.1. On
@@ -49,7 +49,7 @@ def services(layout: Layout) -> list[Service]:
     """Each healthy before the next starts: storage, then MLflow, then Airflow, then the Bento."""
     return [
         _postgres(layout),
-        _s3(layout),
+        *_s3(layout),
         _redis(layout),
         _mlflow(layout),
         *_airflow(layout),
@@ -118,37 +118,45 @@ def _create_databases(layout: Layout) -> None:
     db.migrate(layout.database_url(postgres.DATABASE))
 
 
-def _s3(layout: Layout) -> Service:
-    return Service(
-        "s3",
-        [sys.executable, "-m", "stack.s3", str(layout.settings.stack.s3_port), str(layout.s3_dir), str(layout.secrets_file)],
-        partial(_bucket_readable, layout, "mlflow"),
-        before_start=partial(_create_buckets, layout),
-    )
+def _s3(layout: Layout) -> list[Service]:
+    """An S3 server per set of rights (`Layout.s3_servers`), each over its folder of `s3_dir`."""
+    return [
+        Service(
+            name,
+            server.command(layout.s3_dir, layout.secrets_file),
+            partial(_bucket_readable, layout, name),
+            before_start=partial(_create_bucket, layout.s3_dir, server),
+        )
+        for name, server in layout.s3_servers().items()
+    ]
 
 
-def _create_buckets(layout: Layout) -> None:
-    """A bucket is a directory of rclone's: made before it starts, only its owner may read them."""
-    for bucket in BUCKETS:
-        (layout.s3_dir / bucket).mkdir(mode=0o700, parents=True, exist_ok=True)
+def _create_bucket(root: Path, server: S3Server) -> None:
+    """A bucket is a directory of rclone's, and a server's folder (its bucket, or a prefix of it)
+    one it cannot make: made before it starts, only its owner may read them."""
+    (root / server.bucket).mkdir(mode=0o700, parents=True, exist_ok=True)
+    server.folder(root).mkdir(parents=True, exist_ok=True)  # a prefix: inside the bucket's private directory
 
 
-def _bucket_readable(layout: Layout, bucket: str) -> bool:
-    """A signed request the stack depends on, and a cheap one: HEAD of a bucket."""
+def _bucket_readable(layout: Layout, name: str) -> bool:
+    """A signed request the stack depends on, and a cheap one: HEAD of the server's bucket, with
+    the key pair of the one user it lets in."""
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
+    server = layout.s3_servers()[name]
+    login = layout.s3_login(server.user)
     s3 = boto3.client(
         "s3",
-        endpoint_url=layout.url("s3"),
-        aws_access_key_id=layout.secrets["s3_access_key"],
-        aws_secret_access_key=layout.secrets["s3_secret_key"],
-        region_name="us-east-1",
+        endpoint_url=layout.url(name),
+        aws_access_key_id=login["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=login["AWS_SECRET_ACCESS_KEY"],
+        region_name=login["AWS_DEFAULT_REGION"],
         config=Config(connect_timeout=2, read_timeout=2, retries={"max_attempts": 1}),
     )
     try:
-        s3.head_bucket(Bucket=bucket)
+        s3.head_bucket(Bucket=server.bucket)
         return True
     except (BotoCoreError, ClientError):
         return False
@@ -164,7 +172,8 @@ def _mlflow(layout: Layout) -> Service:
         [
             *(str(BIN / "mlflow"), "server", "--app-name", "basic-auth"),
             *("--host", "127.0.0.1", "--port", str(layout.settings.stack.mlflow_port), "--workers", "1"),
-            *("--artifacts-destination", "s3://mlflow", "--serve-artifacts"),
+            # the only S3 client of its bucket: everyone else gets artifacts through it, with a login
+            *("--artifacts-destination", f"s3://{MLFLOW_BUCKET}", "--serve-artifacts"),
         ],
         partial(_http_ok, f"{layout.url('mlflow')}/health"),  # the one route open without a login
         # secrets in the environment (read by `mlflow server`), not argv
@@ -173,7 +182,8 @@ def _mlflow(layout: Layout) -> Service:
             "MLFLOW_AUTH_CONFIG_PATH": str(layout.mlflow_auth_config),
             "MLFLOW_AUTH_ADMIN_PASSWORD": layout.secrets["mlflow_admin_password"],  # used once, to create the admin
             "MLFLOW_FLASK_SERVER_SECRET_KEY": layout.secrets["mlflow_flask_secret_key"],
-            **layout.s3_keys(),  # its artifacts
+            "MLFLOW_S3_ENDPOINT_URL": layout.url("s3-mlflow"),  # its artifacts, through the one server letting it in
+            **layout.s3_login("mlflow"),
         },
         before_start=partial(_write_mlflow_auth_config, layout),
         after_healthy=partial(_set_up_registry, layout),
@@ -205,6 +215,10 @@ def _set_up_registry(layout: Layout) -> None:
 
 
 def _airflow(layout: Layout) -> list[Service]:
+    """Only what runs tasks holds the tasks' secrets (the feedback storage, MLflow's `airflow`
+    login, which may promote): the scheduler with LocalExecutor, whose tasks are its subprocesses,
+    and Celery's workers. The DAG processor parses DAG files, which open no connection (tests/code/
+    test_dags.py); it and the triggerer reach Airflow's API in process, with no token to check."""
     airflow = str(BIN / "airflow")
     return [
         Service(
@@ -212,25 +226,26 @@ def _airflow(layout: Layout) -> list[Service]:
             [airflow, "api-server", "--workers", "1"],
             partial(_http_ok, f"{layout.url('airflow')}/api/v2/monitor/health"),
             before_start=partial(_migrate_airflow, layout),
-            environment=layout.airflow_secrets(),
+            environment=layout.airflow_secrets(broker=False, tasks=False),  # checks tokens, serves the UI
         ),
         Service(
             "airflow-scheduler",
             [airflow, "scheduler", *NO_LOG_SERVER],
             partial(_airflow_component_healthy, layout, "scheduler"),
-            environment=layout.airflow_secrets(),  # LocalExecutor's tasks run under it
+            # signs the tasks' tokens; LocalExecutor's tasks run under it, Celery's on the workers
+            environment=layout.airflow_secrets(api_key=False, tasks=not layout.celery),
         ),
         Service(
             "airflow-dag-processor",
             [airflow, "dag-processor"],
             partial(_airflow_component_healthy, layout, "dag_processor"),
-            environment=layout.airflow_secrets(),
+            environment=layout.airflow_database(),
         ),
         Service(
             "airflow-triggerer",
             [airflow, "triggerer", *NO_LOG_SERVER],
             partial(_airflow_component_healthy, layout, "triggerer"),
-            environment=layout.airflow_secrets(),
+            environment=layout.airflow_database(),
         ),
     ]
 
@@ -240,7 +255,7 @@ def _migrate_airflow(layout: Layout) -> None:
     write_private(layout.airflow_passwords, json.dumps({AIRFLOW_ADMIN: layout.secrets["airflow_admin_password"]}))
     migrated = subprocess.run(
         [str(BIN / "airflow"), "db", "migrate"],
-        env={**os.environ, **layout.environment(), **layout.airflow_secrets()},
+        env={**os.environ, **layout.environment(), **layout.airflow_database()},
         capture_output=True,
         text=True,
         check=False,
@@ -305,7 +320,8 @@ def _celery_workers(layout: Layout) -> list[Service]:
                 f"airflow-worker-{index}",
                 [str(BIN / "airflow"), "celery", "worker", "--concurrency", "1", "--celery-hostname", name, *NO_LOG_SERVER],
                 partial(_worker_answers, broker, name),
-                environment=layout.airflow_secrets(tokens=False),
+                # runs tasks with the tokens it is handed: no JWT secret, no API key
+                environment=layout.airflow_secrets(jwt=False, api_key=False),
             )
         )
     return workers
@@ -336,7 +352,7 @@ def _bento(layout: Layout) -> Service:
             # the workers count each key's requests together
             "INSECT_SERVE__WORKERS": str(layout.settings.stack.bento_workers),
             "INSECT_SERVE__RATE_LIMIT_STORE": layout.redis_url(1),
-            **layout.storage_secrets(),
+            **layout.storage_secrets("bento"),  # its photos only: no key to MLflow's bucket
             # its own login: rows, no DDL, the API keys read-only (feedback.db.ROLE_GRANTS)
             "INSECT_FEEDBACK__DATABASE_URL": layout.feedback_url(postgres.SERVICE_ROLE),
             **layout.mlflow_login("bento"),  # reads the registry, moves no alias

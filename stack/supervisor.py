@@ -35,7 +35,9 @@ class Supervisor:
         """supervisord itself, with every service configured but none started: its programs
         inherit its environment, so it gets the stack's."""
         self.write_conf(services)
-        subprocess.run([str(BIN / "supervisord"), "-c", str(self.layout.conf)], env={**os.environ, **environment}, check=True)
+        subprocess.run(
+            [str(BIN / "supervisord"), "-c", str(self.layout.conf)], env={**_without_credentials(), **environment}, check=True
+        )
         wait_until(self.running, 30, "supervisord", self.log)
 
     def write_conf(self, services: Iterable[Service]) -> None:
@@ -120,3 +122,12 @@ def _alive(pid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+# What a shell that runs `make up` may hold and no service should inherit: cloud keys, a person's
+# MLflow login (`stack env`'s reviewer), a database login; each service is given its own.
+CALLERS_CREDENTIALS = ("AWS_", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "INSECT_FEEDBACK__DATABASE_URL")
+
+
+def _without_credentials() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if not name.startswith(CALLERS_CREDENTIALS)}

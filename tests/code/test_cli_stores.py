@@ -51,12 +51,20 @@ def test_config_show_hides_the_database_and_redis_passwords(tmp_path):
     assert shown["serve"]["rate_limit_store"] == "redis://:***@127.0.0.1:6380/1"
 
 
-def test_stack_env_points_a_shell_at_the_stack(tmp_path):
+def test_stack_env_points_a_shell_at_the_stack_with_what_a_person_promoting_models_needs(tmp_path):
+    """The services' URLs, the API keys' folder, the reviewer's MLflow login and the feedback
+    database as its key administrator (README's `python -m feedback exports` and `keys list`), not
+    its owner: no S3 key, no other secret."""
     done = run(tmp_path, "stack", "env", INSECT_STACK__MLFLOW_PORT="5055")
+    assert done.returncode == 0, done.stderr
     exports = dict(line.removeprefix("export ").split("=", 1) for line in done.stdout.splitlines() if line.startswith("export"))
-    assert exports["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5055"
-    assert exports["INSECT_FEEDBACK__DATABASE_URL"].startswith("postgresql+psycopg2://insect:")
-    assert {"INSECT_FEEDBACK__S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(exports)
+    assert exports["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5055" and exports["MLFLOW_TRACKING_USERNAME"] == "reviewer"
+    assert exports["INSECT_FEEDBACK__DATABASE_URL"].startswith("postgresql+psycopg2://insect_keys:")
+    assert {"BENTO_URL", "STACK_KEYS", "MLFLOW_TRACKING_PASSWORD"} <= set(exports)
+    assert not [name for name in exports if name.startswith(("AWS_", "MLFLOW_S3_", "INSECT_FEEDBACK__S3_"))]
+    stack_secrets = json.loads((tmp_path / "data" / "stack" / "secrets.json").read_text())
+    theirs = {"mlflow_reviewer_password", "feedback_keys_db_password"}
+    assert not [name for name, secret in stack_secrets.items() if name not in theirs and secret in done.stdout]
 
 
 def test_airflow_admin_creates_the_fab_login_without_its_password_in_an_argument(tmp_path):

@@ -40,13 +40,13 @@ def test_secrets_are_generated_once_and_readable_only_by_their_owner(tmp_path):
     assert set(first) == set(stack_secrets.NAMES) and len(set(first.values())) == len(first)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stack_secrets.load_or_create(path) == first
-    path.write_text(json.dumps({"s3_access_key": "kept"}))  # a file from an older version
-    assert stack_secrets.load_or_create(path)["s3_access_key"] == "kept" and set(json.loads(path.read_text())) == set(first)
+    path.write_text(json.dumps({"redis_password": "kept"}))  # a file from an older version
+    assert stack_secrets.load_or_create(path)["redis_password"] == "kept" and set(json.loads(path.read_text())) == set(first)
 
 
 def s3_service(layout: Layout) -> subprocess.Popen:
-    """The stack's S3 service alone, started as supervisord starts it, healthy."""
-    service = next(service for service in services(layout) if service.name == "s3")
+    """The stack's S3 server of MLflow's artifacts alone, started as supervisord starts it, healthy."""
+    service = next(service for service in services(layout) if service.name == "s3-mlflow")
     service.before_start()
     process = subprocess.Popen(service.command, cwd=REPO_ROOT)
     deadline = time.monotonic() + 30
@@ -60,8 +60,8 @@ def test_the_s3_service_keeps_a_multipart_object_across_a_restart_and_lets_in_on
     """moto's recording lost every object uploaded in parts (files over 8 MB) on replay."""
     layout = Layout(Settings(data_dir=tmp_path, stack={"s3_port": free_port()}))
     process = s3_service(layout)
-    assert layout.secrets["s3_secret_key"] not in " ".join(psutil.Process(process.pid).cmdline())
-    s3 = s3_client(layout, layout.secrets["s3_secret_key"])
+    assert layout.secrets["s3_mlflow_secret_key"] not in " ".join(psutil.Process(process.pid).cmdline())
+    s3 = s3_client(layout, layout.secrets["s3_mlflow_secret_key"])
     big = tmp_path / "model_cuda_sm_90.so"
     big.write_bytes(os.urandom(21 * 2**20))
     s3.upload_file(str(big), "mlflow", "1/artifacts/model.so", Config=TransferConfig(multipart_threshold=8 * 2**20))
@@ -80,12 +80,13 @@ def test_the_s3_service_keeps_a_multipart_object_across_a_restart_and_lets_in_on
         process.wait(30)
 
 
-def s3_client(layout: Layout, secret_key: str):
+def s3_client(layout: Layout, secret_key: str, server: str = "s3-mlflow"):
+    """A client of one of the stack's S3 servers, as the one user it lets in (with its key or another)."""
     return boto3.client(
         "s3",
-        endpoint_url=layout.url("s3"),
+        endpoint_url=layout.url(server),
         region_name="us-east-1",
-        aws_access_key_id=layout.secrets["s3_access_key"],
+        aws_access_key_id=layout.s3_login(layout.s3_servers()[server].user)["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=secret_key,
     )
 
@@ -95,10 +96,14 @@ def stack_env(monkeypatch):
     """A fresh data directory and free ports (in /tmp: PostgreSQL runs as `postgres` when we are root)."""
     data = Path(tempfile.mkdtemp(prefix="insect-stack-"))
     os.chmod(data, 0o755)
-    ports = {f"INSECT_STACK__{name}_PORT": free_port() for name in ("POSTGRES", "S3", "MLFLOW", "AIRFLOW", "REDIS")}
+    names = ("POSTGRES", "S3", "S3_FEEDBACK", "S3_FEEDBACK_READ", "MLFLOW", "AIRFLOW", "REDIS")
+    ports = {f"INSECT_STACK__{name}_PORT": free_port() for name in names}
     ports["INSECT_SERVE__PORT"] = free_port()
     env = {**os.environ, "INSECT_DATA_DIR": str(data / "data"), **{k: str(v) for k, v in ports.items()}}
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AIRFLOW_HOME"):
+    # a clean shell's: supervisord passes `make up`'s environment on to every service (the tests'
+    # own AWS keys, from conftest, would reach all of them)
+    stray = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AIRFLOW_HOME")
+    for key in (*stray, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         env.pop(key, None)
     yield env, ports
     subprocess.run([sys.executable, "-m", "stack", "down"], env=env, cwd=REPO_ROOT, check=False)
@@ -123,16 +128,30 @@ def command_line(process: psutil.Process) -> str:
 
 def assert_each_service_holds_only_its_secrets(processes: list[psutil.Process], secrets: list[str]) -> None:
     """supervisord, whose environment every service inherits, holds no secret; the Bento's workers
-    hold no Airflow secret and log into MLflow as `bento`; the MLflow server holds neither the
-    feedback database's nor Airflow's; a Celery worker cannot mint Airflow API tokens."""
+    hold no Airflow secret nor any of the MLflow server's (its S3 key above all), log into MLflow
+    as `bento` and into S3 as its own user; the MLflow server holds neither the feedback database's
+    nor Airflow's; only Celery's workers (CeleryExecutor) hold the tasks' secrets; a Celery worker
+    cannot mint Airflow API tokens; the DAG processor and the triggerer hold Airflow's database
+    alone; each S3 server lets in one user."""
     airflow = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY"}
+    tokens = {"AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY"}
+    tasks = {"MLFLOW_TRACKING_PASSWORD", "INSECT_FEEDBACK__DATABASE_URL", "AWS_SECRET_ACCESS_KEY"}
+    mlflow_server = {"MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"}
     refused = {
         "supervisord": set(),
-        "_bentoml_impl.worker.service": airflow,
-        "mlflow server": {"INSECT_FEEDBACK__DATABASE_URL", *airflow},
-        "celery worker": {"AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY"},
+        "_bentoml_impl.worker.service": airflow | mlflow_server | {"MLFLOW_S3_ENDPOINT_URL"},
+        "mlflow server": {"INSECT_FEEDBACK__DATABASE_URL", "MLFLOW_TRACKING_PASSWORD", *airflow},
+        "celery worker": tokens,
+        # (the API server retitles itself, which blanks its environment in /proc: tests/system/
+        # test_stack_s3.py checks the one it is given)
+        "airflow scheduler": tasks | {"AIRFLOW__API__SECRET_KEY"},  # with CeleryExecutor its tasks run elsewhere
+        "airflow dag-processor": tasks | tokens | {"AIRFLOW__CELERY__BROKER_URL"},
+        "airflow triggerer": tasks | tokens | {"AIRFLOW__CELERY__BROKER_URL"},
+        "serve s3": {"AWS_SECRET_ACCESS_KEY"},
     }
-    seen = set()
+    s3_user = {"_bentoml_impl.worker.service": "insect-bento", "mlflow server": "insect-mlflow"}
+    s3_user["celery worker"] = "insect-airflow"
+    seen, s3_servers = set(), []
     for process in processes:
         line = command_line(process)
         for service, names in refused.items():
@@ -147,7 +166,12 @@ def assert_each_service_holds_only_its_secrets(processes: list[psutil.Process], 
                     assert not [v for v in environment.values() if any(secret in v for secret in secrets)]
                 if service.startswith("_bentoml"):
                     assert environment["MLFLOW_TRACKING_USERNAME"] == "bento"
+                if service in s3_user:
+                    assert environment["AWS_ACCESS_KEY_ID"] == s3_user[service], service
+                if service == "serve s3":  # one key pair: '"<access key>,<secret key>"'
+                    s3_servers.append(environment["RCLONE_AUTH_KEY"].strip('"').split(",")[0])
     assert seen == set(refused), seen
+    assert sorted(s3_servers) == ["insect-airflow", "insect-bento", "insect-mlflow"], s3_servers
 
 
 def stack_processes(data_dir: str) -> list[psutil.Process]:
@@ -292,9 +316,16 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
     assert [run["run_type"] for run in dag_runs(stack, "retrain")] == ["scheduled", "asset_triggered"]
     done = tasks_done_by_workers(stack)
     assert set(done) == {"airflow-worker-1", "airflow-worker-2"} and sum(done.values()) > 0, done
-    s3 = s3_client(stack, stack.secrets["s3_secret_key"])
+    s3 = s3_client(stack, stack.secrets["s3_mlflow_secret_key"])
     assert any(obj["Key"].endswith(".so") for obj in s3.list_objects_v2(Bucket="mlflow")["Contents"])  # model artifacts
-    assert s3.list_objects_v2(Bucket="feedback")["KeyCount"] > 0  # the users' photos
+    photos = s3_client(stack, stack.secrets["s3_airflow_secret_key"], "s3-feedback-read")  # as the tasks read them
+    assert photos.list_objects_v2(Bucket="feedback")["KeyCount"] > 0  # the users' photos
+    # the clients reach model files through MLflow's server (--serve-artifacts), never its bucket
+    versions = client.search_model_versions(f"name='{name}'")
+    uris = {client.get_run(v.run_id).info.artifact_uri for v in versions} | {v.source for v in versions}
+    uris |= {client.get_experiment_by_name(stack.settings.experiment_name).artifact_location}
+    uris |= {client.get_logged_model(v.model_id).artifact_location for v in versions if v.model_id}
+    assert all(uri.startswith(("mlflow-artifacts:/", "models:/")) for uri in uris), uris
 
     target = "1" if client.get_model_version_by_alias(name, "champion").version == "2" else "2"
     client.set_registered_model_alias(name, "champion", target)  # what the MLflow UI does, over REST
@@ -318,7 +349,7 @@ def test_scheduler_drives_the_loop_on_celery_and_down_leaves_nothing_behind(stac
 
     make("up", env)
     assert len(client.search_model_versions(f"name='{name}'")) == 2
-    assert s3.list_objects_v2(Bucket="feedback")["KeyCount"] > 0
+    assert photos.list_objects_v2(Bucket="feedback")["KeyCount"] > 0
     assert artifact_digests(stack.url("mlflow"), name, champion) == before
     eventually(lambda: served_version(stack) == champion.version, 120, "the champion served again", stack.dir)
     make("down", env)
