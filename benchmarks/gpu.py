@@ -401,7 +401,7 @@ def serving(check: Check) -> str:
     from ml.runtime import EXPORTED_KEY, cuda_key
     from ml.tracking import RunLog
     from registry import promote, register_model
-    from tests.support import BentoServer
+    from benchmarks.fixtures import BentoServer
 
     pruned, exported, library, data = check.needs("pruned", "exported", "cuda library", "dataset")
     if postgres.server_program("postgres") is None:

@@ -41,6 +41,7 @@ import numpy as np
 import psutil
 import typer
 
+from benchmarks.fixtures import BentoServer, register_tiny_model
 from benchmarks.hostile_clients import request_head, send_until_answered
 from benchmarks.hostile_report import P99_RATIO, QUANTILES, write_hostile_report
 from benchmarks.load import UNLIMITED
@@ -51,7 +52,6 @@ from ml.data import read_classes, read_split
 from ml.data.synthetic import generate_synthetic
 from ml.tracking import configure
 from registry import version_by_alias
-from tests.support import BentoServer, register_tiny_model
 
 HERE = Path(__file__).parent
 PHASES = {"alone": None, "made-up keys": "made-up-keys", "slow uploads": "slow-uploads"}

@@ -30,12 +30,13 @@ import psutil
 import typer
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.fixtures import BentoServer, redis_server
 from config import Settings, get_settings
+from config.ports import free_port
 from feedback import db, keys
 from ml.data import read_split
 from ml.tracking import configure
 from registry import version_by_alias
-from tests.support import BentoServer, free_port, redis_server
 
 HERE = Path(__file__).parent
 LOCUSTFILE = HERE / "locustfile.py"

@@ -12,10 +12,11 @@ from pathlib import Path
 import boto3
 import pytest
 
+from benchmarks.fixtures import redis_server
 from config import Settings, SyntheticDataConfig, get_settings
 from feedback import db, postgres
 from ml.data.synthetic import generate_synthetic
-from tests.support import TINY_ENV, free_port, redis_server
+from tests.support import TINY_ENV, free_port
 
 
 def pytest_configure(config):

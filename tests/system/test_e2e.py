@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from benchmarks.fixtures import register_tiny_model
 from config import REPO_ROOT
 from config.airflow import airflow_environment
 from dags.assets import TRAINING_DATASET
@@ -24,7 +25,7 @@ from feedback.images import image_key, image_store
 from ml.data import read_classes, read_split
 from ml.data.synthetic import user_photos
 from registry import CHAMPION, verified_manifest
-from tests.support import photo_bytes, post_feedback, register_tiny_model
+from tests.support import photo_bytes, post_feedback
 
 
 def _airflow(args: list[str], env: dict) -> subprocess.CompletedProcess:

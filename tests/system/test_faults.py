@@ -23,10 +23,11 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
+from benchmarks.fixtures import BentoServer, register_tiny_model
 from config import get_settings
 from feedback import db, keys, postgres
 from ml.data import read_classes
-from tests.support import BentoServer, S3Server, bento_env, free_port, photo_bytes, register_tiny_model
+from tests.support import S3Server, bento_env, free_port, photo_bytes
 
 pytestmark = pytest.mark.slow
 

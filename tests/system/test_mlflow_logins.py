@@ -16,12 +16,13 @@ import pytest
 from mlflow.exceptions import MlflowException
 from typer.testing import CliRunner
 
+from benchmarks.fixtures import register_tiny_model
 from config import get_settings
 from registry import MANIFEST_TAG, SIGNATURE_TAG, champion_predict_fn, file_hashes, load_verified, signing, version_by_alias
 from registry.__main__ import app
 from registry.logins import USERS, auth_config
 from registry.signing import UntrustedModelError
-from tests.support import free_port, register_tiny_model
+from tests.support import free_port
 
 ADMIN_PASSWORD = "admin-password-for-the-test"
 PASSWORDS = {user: f"{user}-password-for-the-test" for user in USERS}

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from mlflow import MlflowClient
 from PIL import Image
 
+from benchmarks.fixtures import BentoServer, register_tiny_model
 from bentos import guards
 from config import REPO_ROOT, get_settings
 from feedback import db, keys
@@ -29,7 +30,7 @@ from feedback.db import feedback as feedback_table
 from feedback.images import image_store
 from ml.data import read_classes, read_split
 from registry import SIGNATURE_TAG, promote
-from tests.support import BentoServer, bento_env, free_port, register_tiny_model
+from tests.support import bento_env, free_port
 from tests.system.hostile_uploads import EXPECTED, hostile_uploads
 
 BUCKET = "insect-feedback-test"
