@@ -394,6 +394,7 @@ def serving(check: Check) -> str:
     serve` for one prediction: the backend must be tvm-cuda on a GPU, torch-eager without one."""
     import httpx
 
+    from benchmarks.fixtures import BentoServer
     from config.ports import free_port
     from feedback import db, keys, postgres
     from ml.data import read_classes, read_split
@@ -401,7 +402,6 @@ def serving(check: Check) -> str:
     from ml.runtime import EXPORTED_KEY, cuda_key
     from ml.tracking import RunLog
     from registry import promote, register_model
-    from benchmarks.fixtures import BentoServer
 
     pruned, exported, library, data = check.needs("pruned", "exported", "cuda library", "dataset")
     if postgres.server_program("postgres") is None:
