@@ -32,6 +32,24 @@ TINY_ENV = {
 }
 
 
+# A script that parses the DAG files with every connection refused (argv[1]: the DAG folder): parsing
+# runs every few seconds in the DAG processor and must not reach a database or the network.
+PARSE_WITHOUT_CONNECTIONS = """
+import socket, sqlite3, sys
+import psycopg2
+
+def refuse(*args, **kwargs):
+    raise RuntimeError("parsing a DAG file opened a connection")
+
+socket.socket.connect = socket.create_connection = sqlite3.connect = psycopg2.connect = refuse
+from airflow.dag_processing.dagbag import DagBag
+
+bag = DagBag(dag_folder=sys.argv[1])
+print(sorted(bag.dag_ids), bag.import_errors)
+sys.exit(1 if bag.import_errors else 0)
+"""
+
+
 def answers(labels: list[int], right: list[bool], num_classes: int) -> SliceScores:
     """A model's scores on a slice where it gets `right` images right (a wrong one: the next class)."""
     predicted = [label if ok else (label + 1) % num_classes for label, ok in zip(labels, right, strict=True)]

@@ -11,24 +11,10 @@ from airflow.dag_processing.dagbag import DagBag
 from config import REPO_ROOT, get_settings
 from dags.assets import TRAINING_DATASET
 from plugins.failure_report import FailureReport
+from tests.support import PARSE_WITHOUT_CONNECTIONS
 
 DAGS = REPO_ROOT / "dags"
 MAX_TASK_LINES = 8
-# Parsing runs every few seconds in the DAG processor: it must not reach a database or the network.
-PARSE_WITHOUT_CONNECTIONS = """
-import socket, sqlite3, sys
-import psycopg2
-
-def refuse(*args, **kwargs):
-    raise RuntimeError("parsing a DAG file opened a connection")
-
-socket.socket.connect = socket.create_connection = sqlite3.connect = psycopg2.connect = refuse
-from airflow.dag_processing.dagbag import DagBag
-
-bag = DagBag(dag_folder=sys.argv[1])
-print(sorted(bag.dag_ids), bag.import_errors)
-sys.exit(1 if bag.import_errors else 0)
-"""
 
 
 def _bag() -> DagBag:

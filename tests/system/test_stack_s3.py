@@ -19,24 +19,10 @@ from config import REPO_ROOT, Settings
 from config.ports import free_port
 from stack.layout import Layout
 from stack.services import Service, services
+from tests.support import PARSE_WITHOUT_CONNECTIONS
 
 DAGS = REPO_ROOT / "dags"
 EXECUTORS = ("LocalExecutor", "CeleryExecutor")
-# Parsing DAG files with only what the DAG processor holds: no connection, no import error.
-PARSE_WITHOUT_CONNECTIONS = """
-import socket, sqlite3, sys
-import psycopg2
-
-def refuse(*args, **kwargs):
-    raise RuntimeError("parsing a DAG file opened a connection")
-
-socket.socket.connect = socket.create_connection = sqlite3.connect = psycopg2.connect = refuse
-from airflow.dag_processing.dagbag import DagBag
-
-bag = DagBag(dag_folder=sys.argv[1])
-print(sorted(bag.dag_ids), bag.import_errors)
-sys.exit(1 if bag.import_errors else 0)
-"""
 
 
 def environments(tmp_path, executor: str = "LocalExecutor") -> tuple[Layout, dict[str, dict[str, str]]]:
